@@ -1,0 +1,277 @@
+"""Static merges of task vectors: averaging, task arithmetic, combine, TIES, DARE.
+
+Every public merge is ``fn(pretrained, task_vectors, **hparams) -> merged``
+on pytrees (jittable; hyper-parameters that change shapes or control flow,
+such as ``k`` and ``mode``, must be static).  ``task_vectors`` come from
+:func:`mtl.merging.task_vector`; a ``None`` (excluded) path is copied from
+``pretrained``.  Merges compute in at least float32 and return each tensor in
+the pretrained dtype.  Each method also has a ``*_core`` that runs tensor by
+tensor (see :mod:`mtl.merging.sources`), used unchanged by the streaming
+driver.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mtl.merging.sources import MergeInputs, run_tree
+from mtl.merging.topk import kth_largest_magnitudes, magnitude
+from mtl.merging.tree import PyTree, flatten
+
+__all__ = [
+    "average", "average_models", "task_arithmetic", "combine", "layerwise_coeffs",
+    "ties", "ties_thresholds", "dare", "dare_merge", "TIES_MODES",
+]
+
+TIES_MODES = ("mean", "sum", "max")
+
+
+def compute_dtype(dtype):
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# ---------------------------------------------------------------- kernels (one tensor)
+
+@jax.jit
+def _average_kernel(theta0, taus):
+    ct = compute_dtype(theta0.dtype)
+    total = functools.reduce(jnp.add, [t.astype(ct) for t in taus])
+    return (theta0.astype(ct) + total / len(taus)).astype(theta0.dtype)
+
+
+@jax.jit
+def _combine_kernel(theta0, taus, coeffs):
+    ct = compute_dtype(theta0.dtype)
+    acc = theta0.astype(ct)
+    for t, c in zip(taus, coeffs):
+        acc = acc + jnp.asarray(c, ct) * t.astype(ct)
+    return acc.astype(theta0.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="mode")
+def _ties_kernel(theta0, taus, thresholds, lam, mode):
+    ct = compute_dtype(theta0.dtype)
+    kept = jnp.stack([jnp.where(magnitude(t) >= thresholds[k], t.astype(ct), 0) for k, t in enumerate(taus)])
+    elected = jnp.sign(jnp.sum(kept, axis=0))  # 0 where the trimmed entries sum to exactly 0
+    agree = (jnp.sign(kept) == elected) & (elected != 0)
+    picked = jnp.where(agree, kept, 0)
+    if mode == "sum":
+        merged = jnp.sum(picked, axis=0)
+    elif mode == "mean":
+        merged = jnp.sum(picked, axis=0) / jnp.maximum(jnp.sum(agree, axis=0), 1).astype(ct)
+    else:  # "max": the agreeing entry of largest magnitude
+        merged = elected * jnp.max(jnp.abs(picked), axis=0)
+    return (theta0.astype(ct) + lam * merged).astype(theta0.dtype)
+
+
+@jax.jit
+def _dare_kernel(tau, key, keep_prob, scale):
+    keep = jax.random.bernoulli(key, keep_prob, tau.shape)
+    return jnp.where(keep, tau * scale, 0).astype(tau.dtype)
+
+
+# ---------------------------------------------------------------- cores (path by path)
+
+def average_core(inp: MergeInputs):
+    for p in inp.paths:
+        yield p, _average_kernel(inp.theta0(p), inp.taus(p))
+
+
+def _coeff_getter(coeffs, paths, num_tasks):
+    """Normalise task-wise / layer-wise coefficients to ``path -> [c_1..c_K]``."""
+    if isinstance(coeffs, (list, tuple)) and coeffs and all(isinstance(c, Mapping) for c in coeffs):
+        if len(coeffs) != num_tasks:
+            raise ValueError(f"got {len(coeffs)} coefficient trees for {num_tasks} task vectors")
+        flats = [flatten(c) for c in coeffs]
+        for p in paths:
+            for i, f in enumerate(flats):
+                if f.get(p) is None:
+                    raise ValueError(f"coefficient tree {i} has no coefficient for parameter {p!r}")
+        return lambda p: [f[p] for f in flats]
+    if isinstance(coeffs, Mapping):
+        flat = flatten(coeffs)
+        for p in paths:
+            c = flat.get(p)
+            if c is None:
+                raise ValueError(f"layer-wise coefficients have no entry for parameter {p!r}")
+            if jnp.ndim(c) == 0 or jnp.shape(c)[0] != num_tasks:
+                raise ValueError(f"layer-wise coefficient for {p!r} must have leading dimension"
+                                 f" {num_tasks} (one per task), got shape {jnp.shape(c)}")
+        return lambda p: [flat[p][k] for k in range(num_tasks)]
+    c = jnp.asarray(coeffs)
+    if c.ndim == 0:
+        return lambda p: [c] * num_tasks
+    if c.shape != (num_tasks,):
+        raise ValueError(f"task-wise coefficients must have shape ({num_tasks},), got {c.shape}")
+    cs = [c[k] for k in range(num_tasks)]
+    return lambda p: cs
+
+
+def combine_core(inp: MergeInputs, *, coeffs):
+    get = _coeff_getter(coeffs, inp.paths, inp.num_tasks)
+    for p in inp.paths:
+        yield p, _combine_kernel(inp.theta0(p), inp.taus(p), get(p))
+
+
+def task_arithmetic_core(inp: MergeInputs, *, lam: float = 0.3):
+    yield from combine_core(inp, coeffs=lam)
+
+
+def _check_ties(k, mode):
+    if mode not in TIES_MODES:
+        raise ValueError(f"TIES mode must be one of {TIES_MODES}, got {mode!r}")
+    if not 0 <= k <= 100:
+        raise ValueError(f"TIES k is a percentage in [0, 100], got {k}")
+
+
+def ties_core(inp: MergeInputs, *, k: float = 20.0, lam: float = 1.0, mode: str = "mean"):
+    _check_ties(k, mode)
+    thresholds = kth_largest_magnitudes(inp.paths, inp.taus, inp.num_tasks, k)
+    for p in inp.paths:
+        yield p, _ties_kernel(inp.theta0(p), inp.taus(p), thresholds, lam, mode)
+
+
+def path_key(key, task: int, path: str):
+    """The DARE key of one tensor: ``fold_in(fold_in(key, task), crc32(path))``.
+
+    Keyed by the path string rather than by position, so it does not change
+    with filters, tensor order or streaming.
+    """
+    return jax.random.fold_in(jax.random.fold_in(key, task), zlib.crc32(path.encode()))
+
+
+def _as_key(key, seed):
+    if key is None:
+        return jax.random.key(seed)
+    return key
+
+
+def _dare_inputs(inp: MergeInputs, p: float, key) -> MergeInputs:
+    if not 0 <= p < 1:
+        raise ValueError(f"DARE drop probability p must be in [0, 1), got {p}")
+    keep_prob, scale = 1.0 - p, 1.0 / (1.0 - p)
+
+    def taus(path):
+        return [_dare_kernel(t, path_key(key, k, path), keep_prob, scale) for k, t in enumerate(inp.taus(path))]
+
+    return inp.with_taus(taus)
+
+
+def dare_core(inp: MergeInputs, *, p: float = 0.5, seed: int = 0, key=None, then: str = "task_arithmetic",
+              **then_hparams):
+    from mtl.merging.registry import get_core  # registry imports this module
+
+    if then == "dare":
+        raise ValueError("DARE cannot be followed by DARE")
+    core = get_core(then, **then_hparams)
+    yield from core(_dare_inputs(inp, p, _as_key(key, seed)))
+
+
+# ---------------------------------------------------------------- public pytree API
+
+def average(pretrained: PyTree, task_vectors: Sequence[PyTree]) -> PyTree:
+    """Weight averaging: ``θ0 + mean_k τ_k`` = mean of the fine-tuned models."""
+    return run_tree(average_core, pretrained, task_vectors)
+
+
+def average_models(models: Sequence[PyTree], weights: Sequence[float] | None = None) -> PyTree:
+    """(Weighted) mean of whole parameter trees of identical structure (no exclusions)."""
+    if not models:
+        raise ValueError("need at least one model")
+    w = jnp.full((len(models),), 1.0 / len(models)) if weights is None else jnp.asarray(weights, jnp.float32)
+    if w.shape != (len(models),):
+        raise ValueError(f"weights must have shape ({len(models)},), got {w.shape}")
+    w = w / jnp.sum(w)
+
+    def avg(*xs):
+        ct = compute_dtype(xs[0].dtype)
+        return functools.reduce(jnp.add, [wi * x.astype(ct) for wi, x in zip(w, xs)]).astype(xs[0].dtype)
+
+    from mtl.merging.tree import check_compatible
+
+    check_compatible(models[0], *models[1:], names=[f"model {i}" for i in range(len(models))], warn_identical=False)
+    return jax.tree.map(avg, *models)
+
+
+def task_arithmetic(pretrained: PyTree, task_vectors: Sequence[PyTree], *, lam: float = 0.3) -> PyTree:
+    """Task arithmetic: ``θ0 + lam * Σ_k τ_k``."""
+    return run_tree(task_arithmetic_core, pretrained, task_vectors, lam=lam)
+
+
+def combine(pretrained: PyTree, task_vectors: Sequence[PyTree], coeffs) -> PyTree:
+    """``θ0 + Σ_k c_k ⊙ τ_k`` with task-wise or layer-wise coefficients (differentiable in ``coeffs``).
+
+    ``coeffs`` is one of: a scalar (all tasks); an array ``[K]`` (task-wise);
+    a pytree like ``pretrained`` whose leaves have leading dimension ``K``
+    (``[K]`` for one scalar per tensor and task, or ``[K, *broadcastable]``)
+    — see :func:`layerwise_coeffs`; or a list of ``K`` pytrees like
+    ``pretrained`` with scalar or broadcastable leaves.  Coefficients of
+    excluded paths are ignored (may be ``None``).
+    """
+    return run_tree(combine_core, pretrained, task_vectors, coeffs=coeffs)
+
+
+def layerwise_coeffs(task_vector: PyTree, num_tasks: int, init: float = 0.3, dtype=jnp.float32) -> PyTree:
+    """Layer-wise coefficients for :func:`combine`: ``[num_tasks]`` of ``init`` per tensor, None where excluded."""
+    return jax.tree.map(lambda x: None if x is None else jnp.full((num_tasks,), init, dtype), task_vector,
+                        is_leaf=lambda x: x is None)
+
+
+def ties_thresholds(task_vectors: Sequence[PyTree], k: float = 20.0):
+    """Per task, the magnitude threshold of TIES' trim step (float32 ``[K]``)."""
+    flats = [flatten(t) for t in task_vectors]
+    paths = [p for p, v in flats[0].items() if v is not None]
+    return kth_largest_magnitudes(paths, lambda p: [f[p] for f in flats], len(flats), k)
+
+
+def ties(pretrained: PyTree, task_vectors: Sequence[PyTree], *, k: float = 20.0, lam: float = 1.0,
+         mode: str = "mean") -> PyTree:
+    """TIES-merging: trim, elect sign, disjoint merge; ``θ0 + lam * τ_m``.
+
+    1. Trim: keep in each ``τ_k`` the entries whose ``|τ|`` (in float32) is at
+       least the ``n``-th largest over the whole vector (all included tensors
+       together), ``n = round(k * N / 100)``; entries tied with the threshold
+       are all kept (deterministic, order-free).
+    2. Elect: ``s = sign(Σ_k τ̂_k)`` per entry.  Tie rule: where the sum is
+       exactly 0 no sign is elected and the entry stays at ``θ0``.
+    3. Disjoint merge over the entries whose sign equals ``s``: ``"mean"``
+       (their average), ``"sum"`` (their sum; use ``lam ≈ 1/K``-ish), or
+       ``"max"`` (the agreeing entry of largest magnitude).
+    """
+    _check_ties(k, mode)
+    return run_tree(ties_core, pretrained, task_vectors, k=k, lam=lam, mode=mode)
+
+
+def dare(task_vectors: Sequence[PyTree], p: float = 0.5, key=None, *, seed: int = 0) -> list[PyTree]:
+    """DARE: drop each entry with probability ``p``, rescale survivors by ``1/(1-p)``.
+
+    Task ``k``'s tensor at ``path`` uses the key :func:`path_key` ``(key, k,
+    path)``; ``key`` defaults to ``jax.random.key(seed)``.  Excluded (None)
+    entries stay None.
+    """
+    if not 0 <= p < 1:
+        raise ValueError(f"DARE drop probability p must be in [0, 1), got {p}")
+    key = _as_key(key, seed)
+    keep_prob, scale = 1.0 - p, 1.0 / (1.0 - p)
+    out = []
+    for k, tv in enumerate(task_vectors):
+        flat = flatten(tv)
+        out.append(jax.tree_util.tree_unflatten(
+            jax.tree_util.tree_structure(tv, is_leaf=lambda x: x is None),
+            [None if t is None else _dare_kernel(t, path_key(key, k, path), keep_prob, scale)
+             for path, t in flat.items()]))
+    return out
+
+
+def dare_merge(pretrained: PyTree, task_vectors: Sequence[PyTree], *, p: float = 0.5, seed: int = 0, key=None,
+               then: str = "task_arithmetic", **then_hparams) -> PyTree:
+    """DARE then another merge: ``MERGERS[then](pretrained, dare(task_vectors, p, key), **then_hparams)``.
+
+    ``then`` is ``"task_arithmetic"`` (default), ``"ties"`` (use ``k=100`` to
+    skip TIES' own trim, as in DARE-TIES), ``"average"``, ``"combine"``, ...
+    """
+    return run_tree(dare_core, pretrained, task_vectors, p=p, seed=seed, key=key, then=then, **then_hparams)

@@ -1,0 +1,49 @@
+"""Merging tensor by tensor from lazy sources: peak memory ≈ θ0 + result + K tensors.
+
+``merge_stream(method, pretrained, finetuned, ...)`` reads the ``K`` fine-tuned
+models (sources with ``paths()``/``load(path)``, or in-memory pytrees) one
+tensor at a time, forms ``τ_k = θ_k − θ0`` for that tensor, and runs the same
+jitted per-tensor kernels as the pytree API, so the results are bit-identical
+to ``MERGERS[method](pretrained, task_vectors(...))``.  TIES (also after
+DARE) first makes two histogram passes over all tensors for its exact global
+top-k threshold (:mod:`mtl.merging.topk`), so it reads every model three
+times; the other methods read each tensor once.  Pass ``sink(path, tensor)``
+to hand each merged tensor on (e.g. to a checkpoint writer) instead of
+keeping the result.  Sharded tensors stay sharded.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from mtl.merging.registry import get_core
+from mtl.merging.sources import stream_inputs
+
+__all__ = ["merge_stream"]
+
+
+def merge_stream(method: str, pretrained, finetuned: Sequence, *, include=None, exclude=None,
+                 names: Sequence[str] | None = None, sink: Callable | None = None, check_finite: bool = True,
+                 **hparams):
+    """Merge ``finetuned`` models into ``pretrained`` one tensor at a time.
+
+    ``method``: a name in ``CORES`` (``average``, ``task_arithmetic``,
+    ``combine``, ``ties``, ``dare``, ``fisher``, ``regmean``) with its
+    hyper-parameters (``fishers`` may be sources too).  ``include``/``exclude``
+    filter paths as in :func:`mtl.merging.task_vector`; unmerged pretrained
+    paths are copied, paths only in the fine-tuned models (heads) must be
+    excluded and are not returned.  Returns a flat ``{path: tensor}`` dict in
+    the pretrained order (``unflatten(result, like=...)`` rebuilds the tree),
+    or ``None`` when ``sink`` is given.
+    """
+    core = get_core(method, **hparams)
+    inp, copied, state = stream_inputs(pretrained, finetuned, include, exclude, names, check_finite)
+    out: dict = {}
+    emit = sink if sink is not None else out.__setitem__
+    for p in copied:
+        emit(p, state.pre.load(p))
+    for p, x in core(inp):
+        emit(p, x)
+    state.warn_identical()
+    if sink is not None:
+        return None
+    return {p: out[p] for p in state.pre.paths() if p in out}
