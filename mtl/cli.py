@@ -1,0 +1,101 @@
+"""The ``mtl`` command.
+
+    mtl train  --config configs/NAME.py[:arg] --workdir DIR [--overwrite|--resume] [--config.key=value ...]
+    mtl eval   --workdir DIR [--which best|last|STEP] [--split val|test]
+    mtl export --workdir DIR --out ARTIFACT [--which best|last|STEP] [--overwrite]
+    mtl info   ARTIFACT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _split_config_overrides(argv):
+    rest, overrides = [], []
+    for a in argv:
+        if a.startswith("--config."):
+            overrides.append(a[len("--config."):])
+        else:
+            rest.append(a)
+    return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtl", description="Multi-task learning and model merging in JAX.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train from a config file (resumes when the workdir holds the same run)")
+    t.add_argument("--config", required=True, help="configs/NAME.py or configs/NAME.py:arg")
+    t.add_argument("--workdir", required=True)
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="delete a different run in --workdir first")
+    g.add_argument("--resume", action="store_true", help="continue the run in --workdir even if the config changed")
+    e = sub.add_parser("eval", help="evaluate a run's checkpoint on a split")
+    e.add_argument("--workdir", required=True)
+    e.add_argument("--which", default="best", help="best | last | a step number")
+    e.add_argument("--split", default="test", choices=("val", "test"))
+    x = sub.add_parser("export", help="write a shareable artifact (parameters + metadata)")
+    x.add_argument("--workdir", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--which", default="best", help="best | last | a step number")
+    x.add_argument("--overwrite", action="store_true")
+    i = sub.add_parser("info", help="print an artifact's metadata")
+    i.add_argument("artifact")
+    return p
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = _split_config_overrides(argv)
+    args = _parser().parse_args(argv)
+    if overrides and args.cmd != "train":
+        print(f"mtl {args.cmd}: --config.* overrides only apply to `mtl train`", file=sys.stderr)
+        return 2
+    from mtl import distributed
+
+    distributed.initialize()
+    try:
+        if args.cmd == "train":
+            from mtl import config as config_lib
+            from mtl.train.baselines import run_experiment
+
+            cfg = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+            run_experiment(cfg, args.workdir, overwrite=args.overwrite, resume=args.resume)
+        elif args.cmd == "eval":
+            _eval(args)
+        elif args.cmd == "export":
+            from mtl.artifact import export_run
+
+            path = export_run(args.workdir, args.out, which=args.which, overwrite=args.overwrite)
+            print(f"wrote {path}")
+        elif args.cmd == "info":
+            from mtl.checkpoint import read_artifact_metadata
+
+            meta = read_artifact_metadata(args.artifact)
+            meta.pop("params", None)
+            print(json.dumps(meta, indent=2))
+    except (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError,
+            FloatingPointError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mtl {args.cmd}: error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _eval(args) -> None:
+    from mtl.artifact import restore_run
+    from mtl.data.pipeline import eval_batches
+    from mtl.train.loop import load_data
+
+    steps, params, step, cfg, bundle = restore_run(args.workdir, args.which)
+    src = load_data(cfg)[3] if args.split == "val" else bundle.test
+    state = steps.init().replace(params=params)
+    res = steps.evaluate(state, eval_batches(src, cfg.train.eval_batch_size, steps.batch_sharding))
+    print(json.dumps({"workdir": os.path.abspath(args.workdir), "step": step, "split": args.split,
+                      "metrics": res}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

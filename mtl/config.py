@@ -1,0 +1,203 @@
+"""Config files, command-line overrides and validation.
+
+A config file is Python defining ``get_config(arg=None) -> ml_collections.ConfigDict``;
+``configs/x.py:arg`` passes ``arg``. Overrides ``--config.train.steps=500`` set existing
+keys only (values parsed as Python literals, else kept as strings); an unknown key is an
+error that lists the keys at that level and suggests the closest one.
+
+``base_config()`` holds every key the trainer reads, with defaults; experiment configs
+start from it and change what they need.
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+from mtl.sharding import DEFAULT_RULES
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.name = ""
+    c.data = ml_collections.ConfigDict({
+        "name": "multitab",       # mtl.data registry name
+        "kwargs": {},             # the loader's arguments
+        "tasks": (),              # subset of the dataset's task names; () = all
+        "val_fraction": 0.1,      # validation carved from train (never from test)
+        "seed": 0,                # batching order / validation split
+    })
+    c.model = ml_collections.ConfigDict({
+        "arch": "shared",         # shared = one encoder + one head per task
+        "encoder": "mlp",
+        "encoder_kwargs": {},
+        "head_hidden": (),        # hidden widths of every task head
+        "arch_kwargs": {},        # extra options of non-default architectures
+    })
+    c.train = ml_collections.ConfigDict({
+        "steps": 1000,
+        "batch_size": 128,
+        "eval_batch_size": 512,
+        "log_every": 50,
+        "eval_every": 250,
+        "checkpoint_every": 250,
+        "keep_checkpoints": 2,
+        "select": "best",         # best (lowest mean validation loss) or last
+        "on_nonfinite": "raise",  # raise (stop, name step and task) or skip (count and go on)
+        "loss_weights": (),       # fixed per-task loss weights; () = all 1
+    })
+    c.optimizer = ml_collections.ConfigDict({
+        "name": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_steps": 0,
+        "weight_decay": 1e-4, "momentum": 0.9, "grad_clip": 0.0,
+    })
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
+    # logical axis -> mesh axes (see mtl.sharding); a list of [logical_name, mesh_axis or list or None]
+    c.rules = [[name, list(axes) if isinstance(axes, tuple) else axes] for name, axes in DEFAULT_RULES]
+    c.baselines = ml_collections.ConfigDict({
+        "train": False,           # also train one single-task model per task (for Δm%)
+        "from_dir": "",           # or reuse baselines stored under this directory
+    })
+    return c
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Load ``path/to/config.py[:arg]`` and call its ``get_config(arg)``."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    mod_name = "mtl_config_" + os.path.splitext(os.path.basename(path))[0]
+    s = importlib.util.spec_from_file_location(mod_name, path)
+    mod = importlib.util.module_from_spec(s)
+    s.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise AttributeError(f"config file {path} defines no get_config(arg=None)")
+    cfg = mod.get_config(arg or None) if arg else mod.get_config()
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        cfg = ml_collections.ConfigDict(cfg)
+    return cfg
+
+
+def _parse_value(text: str, current: Any):
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
+        value = type(current)(value)
+    return value
+
+
+def _keys(d) -> list[str]:
+    return list(d.keys()) if hasattr(d, "keys") else []
+
+
+def set_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    parts = dotted.split(".")
+    node = cfg
+    for i, p in enumerate(parts):
+        keys = _keys(node)
+        last = i == len(parts) - 1
+        is_free_dict = isinstance(node, dict) or (i > 0 and parts[i - 1] in ("kwargs", "encoder_kwargs", "arch_kwargs"))
+        if p not in keys and not (last and is_free_dict):
+            where = ".".join(parts[:i]) or "config"
+            close = difflib.get_close_matches(p, keys, n=1)
+            hint = f" Did you mean {'.'.join(parts[:i] + [close[0]])!r}?" if close else ""
+            raise KeyError(f"unknown config key {dotted!r}: {where} has no key {p!r} "
+                           f"(its keys: {', '.join(sorted(keys))}).{hint}")
+        if last:
+            current = node[p] if p in keys else None
+            value = _parse_value(text, current)
+            try:
+                node[p] = value
+            except TypeError as e:
+                raise TypeError(f"--config.{dotted}={text}: {e}") from None
+        else:
+            node = node[p]
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """Apply ``["train.steps=500", ...]`` (the part after ``--config.``)."""
+    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    for o in overrides:
+        if "=" not in o:
+            raise ValueError(f"override {o!r} must look like key.sub=value")
+        k, v = o.split("=", 1)
+        set_override(cfg, k, v)
+    return cfg
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Check keys against ``base_config`` (unknown keys name the closest valid one)."""
+    ref = base_config()
+
+    def walk(node, refnode, prefix):
+        for k in _keys(node):
+            if k not in _keys(refnode):
+                close = difflib.get_close_matches(k, _keys(refnode), n=1)
+                hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+                raise KeyError(f"unknown config key {prefix + k!r}.{hint} Valid keys here: {', '.join(sorted(_keys(refnode)))}")
+            if k in ("kwargs", "encoder_kwargs", "arch_kwargs", "rules"):
+                continue
+            if isinstance(refnode[k], ml_collections.ConfigDict):
+                walk(node[k], refnode[k], prefix + k + ".")
+
+    walk(cfg, ref, "")
+    t = cfg.train
+    if t.select not in ("best", "last"):
+        raise ValueError(f"train.select must be 'best' or 'last'; got {t.select!r}")
+    if t.on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"train.on_nonfinite must be 'raise' or 'skip'; got {t.on_nonfinite!r}")
+    for k in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every"):
+        if int(t[k]) <= 0:
+            raise ValueError(f"train.{k} must be positive; got {t[k]}")
+
+
+def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``base_config()`` updated with ``cfg`` (so every key the trainer reads exists)."""
+    validate(cfg)
+    out = base_config()
+    out.update_from_flattened_dict({k: v for k, v in _flatten(cfg.to_dict()).items()})
+    return out
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("kwargs", "encoder_kwargs", "arch_kwargs"):
+            out.update(_flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> dict:
+    """A JSON-safe plain dict (tuples become lists)."""
+    return json.loads(json.dumps(cfg.to_dict(), default=lambda o: list(o) if isinstance(o, tuple) else str(o)))
+
+
+def diff(a: dict, b: dict) -> list[str]:
+    """Human-readable differences between two JSON configs."""
+    fa, fb = _flatten_all(a), _flatten_all(b)
+    out = []
+    for k in sorted(set(fa) | set(fb)):
+        if fa.get(k, "<absent>") != fb.get(k, "<absent>"):
+            out.append(f"{k}: {fa.get(k, '<absent>')!r} -> {fb.get(k, '<absent>')!r}")
+    return out
+
+
+def _flatten_all(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten_all(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out

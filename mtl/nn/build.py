@@ -1,0 +1,40 @@
+"""Build models from config: ``model.arch`` names how tasks share parameters.
+
+``ARCHITECTURES[name](model_cfg, tasks, input_shape) -> factory(rngs) -> nnx.Module``.
+Every architecture's model maps inputs to ``{task: prediction}`` and has ``.tasks``.
+New architectures register one function here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from flax import nnx
+
+from mtl.nn.encoders import build_encoder, unknown_name_error
+from mtl.nn.multitask import MultiTaskModel
+from mtl.tasks import Task
+
+
+def shared_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
+    """Hard sharing: ``model.encoder`` (+ ``encoder_kwargs``) and one head per task."""
+    enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
+    name = model_cfg.get("encoder", "mlp")
+
+    def make(rngs: nnx.Rngs):
+        return MultiTaskModel(build_encoder(name, input_shape, rngs=rngs, **enc_kwargs), tasks, rngs=rngs)
+
+    return make
+
+
+ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory}
+
+
+def model_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
+    arch = model_cfg.get("arch", "shared")
+    if arch not in ARCHITECTURES:
+        raise unknown_name_error("architecture", arch, ARCHITECTURES)
+    factory = ARCHITECTURES[arch](model_cfg, tasks, tuple(input_shape))
+    # build once abstractly so bad options fail here, with the encoder's message
+    with nnx.use_eager_sharding(False):
+        nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+    return factory
