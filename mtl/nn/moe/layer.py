@@ -1,0 +1,69 @@
+"""A token-routed sparse MoE layer: router -> top-k -> dispatch -> experts -> combine.
+
+This is the dense-dispatch *reference* path (einsum with capacity). The expert-parallel
+path (``shard_map`` + all-to-all + ``ragged_dot``) can replace ``_experts_on_tokens`` and
+must agree with it. The caller adds the residual: ``x + moe(x)[0]`` carries dropped tokens.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from mtl.nn.moe.experts import MLPExperts
+from mtl.nn.moe.routing import (ROUTERS, MultiGateRouter, Router, TaskConditionedRouter, check_top_k, combine,
+                                dispatch, dispatch_and_combine, expert_capacity, route)
+
+
+class SparseMoE(nnx.Module):
+    """Top-k MoE over ``num_experts`` MLP experts (``dim -> hidden -> dim``).
+
+    ``router``: ``"single"`` (one gate), ``"multi_gate"`` (one gate per task) or
+    ``"task_conditioned"`` (gate on ``[token; task embedding]``); the last two need
+    ``num_tasks`` and a ``task_id`` at call time. Weights are the top-k softmax
+    probabilities, not renormalised unless ``renormalize=True``.
+
+    ``moe(x, task_id=None, key=None) -> (y, aux)``: ``x [..., dim]``, ``y`` like ``x``;
+    ``aux`` holds ``logits, probs [N, E]``, ``weights, indices, kept [N, k]`` (for the
+    losses in ``mtl.nn.moe.losses``) and the ``capacity``.
+    """
+
+    def __init__(self, dim: int, hidden: int, num_experts: int, k: int = 2, *,
+                 capacity_factor: float | None = 1.25, router: str = "single", num_tasks: int | None = None,
+                 task_features: int | None = None, noisy: bool = False, renormalize: bool = False,
+                 activation="gelu", rngs: nnx.Rngs):
+        check_top_k(k, num_experts)
+        if router not in ROUTERS:
+            raise ValueError(f"unknown router {router!r}; valid names: {', '.join(sorted(ROUTERS))}")
+        if router != "single" and not num_tasks:
+            raise ValueError(f"router {router!r} needs num_tasks (got {num_tasks!r})")
+        self.dim, self.num_experts, self.k = dim, num_experts, k
+        self.capacity_factor, self.renormalize, self.router_kind = capacity_factor, renormalize, router
+        if router == "single":
+            self.router = Router(dim, num_experts, noisy=noisy, rngs=rngs)
+        elif router == "multi_gate":
+            self.router = MultiGateRouter(dim, num_experts, num_tasks, noisy=noisy, rngs=rngs)
+        else:
+            self.router = TaskConditionedRouter(dim, num_experts, num_tasks, task_features, noisy=noisy, rngs=rngs)
+        self.experts = MLPExperts(num_experts, dim, hidden, dim, activation=activation, rngs=rngs)
+
+    def logits(self, tokens, task_id=None, *, key=None):
+        if self.router_kind == "single":
+            if task_id is not None:
+                raise ValueError("this MoE layer has a single router; do not pass task_id")
+            return self.router(tokens, key=key)
+        if task_id is None:
+            raise ValueError(f"router {self.router_kind!r} needs a task_id")
+        if jnp.ndim(task_id):  # per-token ids with x's leading shape: flatten like the tokens
+            task_id = jnp.asarray(task_id).reshape(-1)
+        return self.router(tokens, task_id, key=key)
+
+    def __call__(self, x, task_id=None, *, key=None):
+        lead = x.shape[:-1]
+        tokens = x.reshape(-1, x.shape[-1])
+        r = route(self.logits(tokens, task_id, key=key), self.k, renormalize=self.renormalize)
+        capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
+        dispatch_mask, combine_w, kept = dispatch_and_combine(r.weights, r.indices, self.num_experts, capacity)
+        y = combine(self.experts.per_expert(dispatch(tokens, dispatch_mask)), combine_w)
+        aux = {"logits": r.logits, "probs": r.probs, "weights": r.weights, "indices": r.indices, "kept": kept,
+               "capacity": capacity}
+        return y.reshape(lead + (y.shape[-1],)), aux
