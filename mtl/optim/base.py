@@ -1,0 +1,221 @@
+"""The aggregator protocol and the helpers every method shares.
+
+An :class:`Aggregator` is a pair of pure, jittable functions, as in optax::
+
+    state = agg.init(num_tasks)
+    w, state = agg.weights(state, gram=G, losses=L, key=k, step=i, present=m)
+    ... apply the update  d = wᵀJ  (= ∇ Σ_t w_t L_t, with w held constant) ...
+    if agg.post_step:                       # only FAMO today
+        state = agg.update(state, losses=L_after_step, present=m)
+
+Inputs of ``weights`` (all keyword-only, all optional; pass what ``agg.needs``
+names — passing more is harmless):
+
+- ``gram``  (T, T): Gramian G = J Jᵀ of the per-task gradients on the shared
+  parameters (``gramian(jac)`` builds it from a stacked pytree).
+- ``jac``   (T, P) array or pytree with leading axis T: used only to build
+  ``gram`` when ``gram`` is not given. No method needs J itself.
+- ``losses`` (T,): this step's per-task losses (values, no gradient needed).
+- ``key``: a PRNG key (RLW, PCGrad).
+- ``step``: the global step; accepted for uniformity, every method keeps its
+  own counters in ``state`` so none reads it today.
+- ``present`` (T,) bool: tasks that have labels in this batch (partial
+  labels). Absent tasks get weight exactly 0, and the method runs on the
+  present tasks only (their rows/columns of G are dropped); ``None`` = all.
+
+``agg.needs`` is a frozenset drawn from {"gram", "losses", "key"}; "gram" means
+the trainer must compute G (or keep J). The trainer always has the losses, so
+passing them costs nothing.
+
+Non-finite inputs: if any input the method uses (G and/or losses, per
+``needs``) holds NaN/inf, ``weights`` returns all-NaN weights and the state
+*unchanged*, so the trainer can detect it with ``jnp.isfinite(w).all()`` and
+skip the step without corrupting the aggregator. Finite inputs, however
+degenerate (zero, parallel, opposite, or wildly scaled gradients), always
+give finite weights.
+
+Scale of the weights: each method keeps its paper's convention (EW: w = 1,
+Σ w = T; RLW, MGDA, IMTL-G, FAMO: Σ w = 1; CAGrad: w = 1/T + λ w_sim,
+i.e. d is on the scale of the mean gradient; see each factory's docstring).
+The learning rate absorbs the difference.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEEDS = frozenset({"gram", "losses", "key"})
+
+
+class Aggregator(NamedTuple):
+    """A gradient aggregation / loss weighting method (see module docstring)."""
+
+    name: str
+    needs: frozenset
+    init: Callable[[int], Any]
+    weights: Callable[..., tuple[jax.Array, Any]]
+    update: Callable[..., Any]
+    post_step: bool
+    hparams: dict
+
+
+class Inputs(NamedTuple):
+    """What a method's core sees: validated inputs, ``mask`` is float (T,)."""
+
+    num_tasks: int
+    gram: jax.Array | None
+    losses: jax.Array | None
+    key: jax.Array | None
+    step: Any
+    mask: jax.Array
+    dtype: Any
+
+
+def _stateless_init(num_tasks: int):
+    del num_tasks
+    return ()
+
+
+def _identity_update(state, **_):
+    return state
+
+
+def gramian(jac) -> jax.Array:
+    """G = J Jᵀ from a (T, P) array or a pytree whose leaves have leading axis T."""
+    leaves = jax.tree.leaves(jac)
+    if not leaves:
+        raise ValueError("gramian: jac has no array leaves")
+    t = leaves[0].shape[0]
+    g = 0.0
+    for leaf in leaves:
+        if leaf.shape[:1] != (t,):
+            raise ValueError(
+                f"gramian: every leaf needs leading axis T={t}, found shape {leaf.shape}")
+        flat = jnp.reshape(leaf, (t, -1))
+        g = g + flat @ flat.T
+    return g
+
+
+def aggregate(w: jax.Array, jac):
+    """wᵀJ for a (T, P) array or a pytree with leading task axis."""
+    return jax.tree.map(lambda leaf: jnp.tensordot(w.astype(leaf.dtype), leaf, axes=1), jac)
+
+
+def _infer_num_tasks(name, gram, losses, present):
+    for label, arr in (("gram", gram), ("losses", losses), ("present", present)):
+        if arr is not None:
+            return int(jnp.shape(arr)[0])
+    raise ValueError(
+        f"{name}: cannot tell the number of tasks; pass losses= (T,), gram= (T, T) or present= (T,)")
+
+
+def _check_shape(name, label, arr, shape):
+    if arr is not None and tuple(jnp.shape(arr)) != shape:
+        raise ValueError(f"{name}: {label} must have shape {shape}, found {tuple(jnp.shape(arr))}")
+
+
+def _all_finite(*arrays):
+    ok = jnp.array(True)
+    for a in arrays:
+        if a is not None:
+            ok = ok & jnp.all(jnp.isfinite(a))
+    return ok
+
+
+def make_aggregator(name: str, needs, core, *, init=None, update=None,
+                    post_step: bool = False, hparams=None) -> Aggregator:
+    """Wrap ``core(state, inputs: Inputs) -> (w, new_state)`` in the public protocol.
+
+    The wrapper builds G from J when needed, validates shapes, turns ``present``
+    into a float mask, zeroes absent tasks' weights, and applies the non-finite
+    guard described in the module docstring.
+    """
+    needs = frozenset(needs)
+    if not needs <= NEEDS:
+        raise ValueError(f"{name}: unknown needs {sorted(needs - NEEDS)}")
+
+    def weights(state, *, gram=None, jac=None, losses=None, key=None, step=None, present=None):
+        if gram is None and jac is not None:
+            gram = gramian(jac)
+        if "gram" in needs and gram is None:
+            raise ValueError(f"{name}: needs the Gramian; pass gram= (T, T) or jac=")
+        if "losses" in needs and losses is None:
+            raise ValueError(f"{name}: needs the per-task losses; pass losses= (T,)")
+        if "key" in needs and key is None:
+            raise ValueError(f"{name}: needs a PRNG key; pass key=")
+        t = _infer_num_tasks(name, gram, losses, present)
+        _check_shape(name, "gram", gram, (t, t))
+        _check_shape(name, "losses", losses, (t,))
+        _check_shape(name, "present", present, (t,))
+        gram = None if gram is None else jnp.asarray(gram)
+        losses = None if losses is None else jnp.asarray(losses)
+        floats = [a.dtype for a in (gram, losses) if a is not None
+                  and jnp.issubdtype(a.dtype, jnp.floating)]
+        dtype = jnp.result_type(*floats) if floats else jnp.zeros(()).dtype
+        mask = (jnp.ones((t,), dtype) if present is None
+                else jnp.asarray(present).astype(bool).astype(dtype))
+        gram = None if gram is None else gram.astype(dtype)
+        losses = None if losses is None else losses.astype(dtype)
+        inputs = Inputs(t, gram, losses, key, step, mask, dtype)
+        w, new_state = core(state, inputs)
+        w = jnp.asarray(w, dtype) * mask
+        used = [gram if "gram" in needs else None, losses if "losses" in needs else None]
+        ok = _all_finite(*used)
+        w = jnp.where(ok, w, jnp.nan)
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return w, new_state
+
+    weights.__name__ = f"{name}_weights"
+    return Aggregator(name=name, needs=needs, init=init or _stateless_init, weights=weights,
+                      update=update or _identity_update, post_step=post_step,
+                      hparams=dict(hparams or {}))
+
+
+# ----------------------------------------------------------------- numerics --
+
+def tiny(dtype) -> float:
+    """A safe floor for divisions: sqrt of the smallest normal number."""
+    return float(jnp.finfo(dtype).tiny) ** 0.5
+
+
+def safe_div(a, b, eps=None):
+    """a / b where |b| > eps, else 0 (no NaN, no inf)."""
+    b = jnp.asarray(b)
+    eps = tiny(b.dtype) if eps is None else eps
+    ok = jnp.abs(b) > eps
+    return jnp.where(ok, a / jnp.where(ok, b, 1.0), 0.0)
+
+
+def masked_gram(gram, mask):
+    """G with absent tasks' rows and columns zeroed."""
+    return gram * mask[:, None] * mask[None, :]
+
+
+def normalize_gram(gram):
+    """G / (mean diagonal); all the Gramian methods are scale invariant, this
+    only keeps float32 well inside its range. Zero G stays zero."""
+    t = gram.shape[0]
+    scale = jnp.trace(gram) / t
+    return safe_div(gram, scale)
+
+
+def task_norms(gram):
+    """‖g_t‖ = sqrt(G_tt), safe for tiny negative round-off."""
+    return jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float = 0.0):
+    """The small optimizer a learnable-weight method uses for its own parameters."""
+    import optax
+
+    if name == "adam":
+        opt = optax.adam(lr)
+    elif name == "sgd":
+        opt = optax.sgd(lr)
+    else:
+        raise ValueError(f"optimizer must be 'adam' or 'sgd', found {name!r}")
+    if weight_decay:
+        opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
+    return opt

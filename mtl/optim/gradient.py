@@ -1,0 +1,292 @@
+"""Gradient aggregators on the Gramian: MGDA, PCGrad, CAGrad, IMTL-G,
+Nash-MTL, Aligned-MTL, UPGrad (and DualProj).
+
+Each returns weights w with wᵀJ equal to the method's aggregated direction,
+computed from G = J Jᵀ alone (J is never needed). Absent tasks are removed
+from the problem (rows/columns of G dropped) and get weight 0. Every method
+here is invariant to a common rescaling of G except where noted, so G is
+first divided by its mean diagonal to keep float32 well conditioned.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtl.optim import solvers
+from mtl.optim.base import (Inputs, make_aggregator, masked_gram, normalize_gram, safe_div,
+                            task_norms)
+
+
+def _prep(x: Inputs):
+    return normalize_gram(masked_gram(x.gram, x.mask))
+
+
+# ----------------------------------------------------------------- MGDA -----
+
+def mgda_two_tasks(gram, mask=None):
+    """Closed-form min-norm point for T = 2: w_1 = clip((G22−G12)/(G11+G22−2G12), 0, 1)."""
+    mask = jnp.ones((2,), gram.dtype) if mask is None else mask
+    g11, g22, g12 = gram[0, 0], gram[1, 1], gram[0, 1]
+    den = g11 + g22 - 2.0 * g12
+    w1 = jnp.where(den > 0, jnp.clip(safe_div(g22 - g12, den), 0.0, 1.0), 0.5)
+    both = jnp.stack([w1, 1.0 - w1])
+    return jnp.where(mask[0] * mask[1] > 0, both, solvers.uniform(mask))
+
+
+def mgda(iters: int = 100):
+    """MGDA (Sener & Koltun): w = argmin_{w ∈ Δ} wᵀGw, the min-norm point of
+    the convex hull of the task gradients; Σ w = 1. Closed form for T = 2,
+    pairwise Frank–Wolfe with ``iters`` steps otherwise. No gradient
+    normalisation (the paper's 'none' option); pre-normalise J if wanted."""
+
+    def core(state, x: Inputs):
+        g = _prep(x)
+        if x.num_tasks == 2:
+            return mgda_two_tasks(g, x.mask), state
+        return solvers.min_norm_simplex(g, x.mask, iters), state
+
+    return make_aggregator("mgda", ("gram",), core, hparams=dict(iters=iters))
+
+
+# --------------------------------------------------------------- PCGrad -----
+
+def pcgrad_order(key, num_tasks):
+    """The random order PCGrad uses: row t is the order in which task t is
+    projected against the others (an independent permutation per task)."""
+    keys = jax.random.split(key, num_tasks)
+    return jax.vmap(lambda k: jax.random.permutation(k, num_tasks))(keys)
+
+
+def pcgrad_weights(gram, order, mask=None):
+    """PCGrad with a fixed order, tracked on G.
+
+    For each task t, g_t' starts as g_t; for s in order[t] (s ≠ t, s present):
+    if g_t'ᵀg_s < 0, g_t' ← g_t' − (g_t'ᵀg_s/‖g_s‖²) g_s (against the original
+    g_s, as in the authors' code). Returns w with wᵀJ = Σ_t g_t' (the sum, as
+    in the spec; the authors' code defaults to the mean = w/T)."""
+    t = gram.shape[0]
+    mask = jnp.ones((t,), gram.dtype) if mask is None else mask
+    gram = masked_gram(gram, mask)
+    diag = jnp.diagonal(gram)
+    rows = jnp.arange(t)
+
+    def body(k, coef):
+        s = order[:, k]
+        dots = jnp.sum(coef * gram[s], axis=1)  # g_t'ᵀ g_{s_t}
+        proj = (dots < 0) & (s != rows) & (mask[s] > 0)
+        c = jnp.where(proj, safe_div(dots, diag[s]), 0.0)
+        return coef.at[rows, s].add(-c)
+
+    coef = jax.lax.fori_loop(0, t, body, jnp.diag(mask))
+    return jnp.sum(coef, axis=0)
+
+
+def pcgrad():
+    """PCGrad (Yu et al.): random projection order from ``key``; Σ of the
+    projected gradients (see :func:`pcgrad_weights`)."""
+
+    def core(state, x: Inputs):
+        order = pcgrad_order(x.key, x.num_tasks)
+        return pcgrad_weights(_prep(x), order, x.mask), state
+
+    return make_aggregator("pcgrad", ("gram", "key"), core)
+
+
+# --------------------------------------------------------------- CAGrad -----
+
+def cagrad_objective(w, gram, mean_w, c):
+    """g_wᵀg0 + √φ‖g_w‖ with φ = c²‖g0‖², g0 = J ᵀmean_w, g_w = Jᵀw."""
+    g0_norm = jnp.sqrt(jnp.maximum(mean_w @ gram @ mean_w, 0.0))
+    gw_sq = jnp.maximum(w @ gram @ w, 0.0)
+    return w @ gram @ mean_w + c * g0_norm * jnp.sqrt(gw_sq + 1e-12)
+
+
+def cagrad(c: float = 0.4, iters: int = 200, rescale: bool = False):
+    """CAGrad (Liu et al. 2021): w* = argmin_{w∈Δ} g_wᵀg0 + √φ‖g_w‖, φ = c²‖g0‖²,
+    g0 the mean gradient of the present tasks; d = g0 + (√φ/‖g_w*‖) g_w*, so the
+    weights are 1/T + λ w* with λ = √φ/‖g_w*‖ (0 when g_w* = 0). Scale: the
+    mean gradient's (Σ w = 1 + λ). ``rescale=True`` divides d by 1 + c², the
+    authors' default. The simplex problem is solved by projected gradient
+    with backtracking (``iters`` steps)."""
+    if c < 0:
+        raise ValueError(f"cagrad: c must be >= 0, found {c}")
+
+    def core(state, x: Inputs):
+        g = _prep(x)
+        mean_w = solvers.uniform(x.mask)
+        f = lambda w: cagrad_objective(w, g, mean_w, c)  # noqa: E731
+        w = solvers.simplex_minimize(f, mean_w, x.mask, iters)
+        g0_norm = jnp.sqrt(jnp.maximum(mean_w @ g @ mean_w, 0.0))
+        gw_norm = jnp.sqrt(jnp.maximum(w @ g @ w, 0.0))
+        lam = safe_div(c * g0_norm, gw_norm, 1e-10)
+        d = mean_w + lam * w
+        return (d / (1.0 + c * c) if rescale else d), state
+
+    return make_aggregator("cagrad", ("gram",), core,
+                           hparams=dict(c=c, iters=iters, rescale=rescale))
+
+
+# --------------------------------------------------------------- IMTL-G -----
+
+def imtl_g_weights(gram, mask=None, rtol: float = 1e-6):
+    """IMTL-G (Liu et al. 2021) from G: α with Σ α = 1 such that the
+    aggregated gradient Jᵀα has equal projections onto every unit task
+    gradient u_t = g_t/‖g_t‖: (αᵀG)_t/‖g_t‖ equal for all t.
+
+    Solved as one T×T linear system by least squares (minimum-norm α when the
+    gradients are linearly dependent, e.g. uniform for identical gradients).
+    Tasks with a zero gradient (‖g_t‖ ≤ rtol·max‖g‖) or absent get α_t = 0 and
+    are left out of the equal-projection conditions."""
+    t = gram.shape[0]
+    mask = jnp.ones((t,), gram.dtype) if mask is None else mask
+    gram = masked_gram(gram, mask)
+    norms = task_norms(gram)
+    valid = (mask > 0) & (norms > rtol * jnp.max(norms))
+    proj = safe_div(gram, norms[None, :])  # proj[s, t] = g_sᵀu_t
+    ref = jnp.argmax(valid)
+    rows_eq = (proj - proj[:, ref][:, None]).T  # row t: (proj[:,t] − proj[:,ref])ᵀα = 0
+    vmask = valid.astype(gram.dtype)
+    eye = jnp.eye(t, dtype=gram.dtype)
+    m = jnp.where(valid[:, None], rows_eq * vmask[None, :], eye)
+    m = m.at[ref].set(vmask)
+    rhs = jnp.zeros((t,), gram.dtype).at[ref].set(1.0)
+    alpha = jnp.linalg.lstsq(m, rhs)[0]
+    alpha = jnp.where(valid, alpha, 0.0)
+    return jnp.where(jnp.any(valid), alpha, 0.0)
+
+
+def imtl_g():
+    """IMTL-G, weights Σ α = 1 (see :func:`imtl_g_weights`)."""
+
+    def core(state, x: Inputs):
+        return imtl_g_weights(_prep(x), x.mask), state
+
+    return make_aggregator("imtl_g", ("gram",), core)
+
+
+# ------------------------------------------------------------- Nash-MTL -----
+
+def nash_mtl(update_every: int = 1, iters: int = 50, normalize: bool = True, eps: float = 1e-6):
+    """Nash-MTL (Navon et al. 2022): w > 0 with (Ĝ w)_t = 1/w_t, found by
+    damped Newton on ½wᵀĜw − Σ log w_t (:func:`solvers.log_barrier_fixed_point`).
+
+    Ĝ = G/‖G‖_F + eps·I when ``normalize`` (the authors' normalisation, which
+    makes w invariant to the gradients' scale; the solution for G itself is
+    w/sqrt(‖G‖_F)), else Ĝ = G + eps·I. The eps·I keeps a solution when some
+    conic combination of gradients vanishes (a zero or two opposite
+    gradients), where the exact equation has none; those weights are then
+    large (~1/sqrt(eps)) but finite. ``update_every = k`` recomputes w every k
+    calls and reuses it (times ``present``) in between; state:
+    (w_last, calls)."""
+    if update_every < 1:
+        raise ValueError(f"nash_mtl: update_every must be >= 1, found {update_every}")
+
+    def init(num_tasks):
+        return (jnp.ones((num_tasks,)), jnp.zeros((), jnp.int32))
+
+    def solve(x: Inputs):
+        g = masked_gram(x.gram, x.mask)
+        if normalize:
+            g = safe_div(g, jnp.linalg.norm(g))
+        a = g + eps * jnp.eye(x.num_tasks, dtype=g.dtype)
+        return solvers.log_barrier_fixed_point(a, x.mask, iters)
+
+    def core(state, x: Inputs):
+        w_last, calls = state
+        if update_every == 1:
+            w = solve(x)
+        else:
+            w = jax.lax.cond(calls % update_every == 0, lambda: solve(x),
+                             lambda: w_last.astype(x.dtype) * x.mask)
+        return w, (w.astype(w_last.dtype), calls + 1)
+
+    return make_aggregator("nash_mtl", ("gram",), core, init=init,
+                           hparams=dict(update_every=update_every, iters=iters,
+                                        normalize=normalize, eps=eps))
+
+
+# ---------------------------------------------------------- Aligned-MTL -----
+
+def aligned_mtl_matrix(gram, mask=None, scale: str = "min"):
+    """B with Ĵ = B J the aligned Jacobian: G = V Λ Vᵀ, B = V_r diag(sqrt(σ/λ_i)) V_rᵀ
+    over the r eigenvalues above λ_max·T·10·eps(dtype), so Ĵ Ĵᵀ = σ V_r V_rᵀ:
+    every non-zero singular value of Ĵ equals sqrt(σ) (condition number 1).
+    σ = the smallest kept eigenvalue ('min', the paper's default), their
+    median ('median') or mean ('rmse')."""
+    t = gram.shape[0]
+    mask = jnp.ones((t,), gram.dtype) if mask is None else mask
+    lam, vec = jnp.linalg.eigh(masked_gram(gram, mask))
+    tol = jnp.max(lam) * t * 10.0 * jnp.finfo(gram.dtype).eps
+    keep = lam > jnp.maximum(tol, 0.0)
+    big = jnp.max(lam) + 1.0
+    if scale == "min":
+        sigma = jnp.min(jnp.where(keep, lam, big))
+    elif scale == "median":
+        kept = jnp.sort(jnp.where(keep, lam, jnp.inf))
+        r = jnp.sum(keep)
+        lo, hi = kept[jnp.maximum((r - 1) // 2, 0)], kept[jnp.maximum(r // 2, 0)]
+        sigma = 0.5 * (lo + hi)
+    elif scale == "rmse":
+        sigma = safe_div(jnp.sum(jnp.where(keep, lam, 0.0)), jnp.sum(keep))
+    else:
+        raise ValueError(f"aligned_mtl: scale must be 'min', 'median' or 'rmse', found {scale!r}")
+    sigma = jnp.where(jnp.any(keep), sigma, 0.0)
+    coef = jnp.where(keep, jnp.sqrt(safe_div(sigma, jnp.where(keep, lam, 1.0))), 0.0)
+    return (vec * coef[None, :]) @ vec.T
+
+
+def aligned_mtl(scale: str = "min"):
+    """Aligned-MTL (Senushkin et al. 2023): d = Σ_t ĝ_t = Jᵀ B 1 with B from
+    :func:`aligned_mtl_matrix`; w = B·present. B depends only on ratios of
+    eigenvalues, so w is invariant to the scale of G, and the aligned
+    gradients ĝ_t (rows of BJ) have singular values all equal to sqrt(σ).
+    """
+    if scale not in ("min", "median", "rmse"):
+        raise ValueError(f"aligned_mtl: scale must be 'min', 'median' or 'rmse', found {scale!r}")
+
+    def core(state, x: Inputs):
+        b = aligned_mtl_matrix(_prep(x), x.mask, scale)
+        return b @ x.mask, state
+
+    return make_aggregator("aligned_mtl", ("gram",), core, hparams=dict(scale=scale))
+
+
+# ------------------------------------------------------- UPGrad, DualProj ---
+
+def dual_cone_weights(gram, u, mask=None, iters: int = 300):
+    """v with Jᵀv = the projection of Jᵀu onto the dual cone {x : Jx ≥ 0}.
+
+    By duality v = argmin_{v ≥ u} ½vᵀGv (Quinton & Rey 2024), a box QP solved
+    by :func:`solvers.box_qp`. Absent tasks are dropped (no cone constraint)."""
+    mask = jnp.ones_like(u) if mask is None else mask
+    return solvers.box_qp(masked_gram(gram, mask), u * mask, mask, iters)
+
+
+def upgrad(iters: int = 300):
+    """UPGrad (Quinton & Rey 2024, 'Jacobian descent'): the mean of the
+    projections of each g_t/n onto the dual cone of the rows of J,
+    w = Σ_t v_t, v_t = argmin_{v ≥ e_t/n} vᵀGv (n = present tasks). The
+    result conflicts with no task: (Jd)_t ≥ 0. (The spec's phrase 'project the
+    mean gradient' is :func:`dualproj`; UPGrad in the paper and its code is
+    this per-task version.)"""
+
+    def core(state, x: Inputs):
+        g = _prep(x)
+        n = jnp.sum(x.mask)
+        us = jnp.eye(x.num_tasks, dtype=g.dtype) * safe_div(x.mask, n)[:, None]
+        vs = jax.vmap(lambda u: dual_cone_weights(g, u, x.mask, iters))(us)
+        return jnp.sum(vs * x.mask[:, None], axis=0), state
+
+    return make_aggregator("upgrad", ("gram",), core, hparams=dict(iters=iters))
+
+
+def dualproj(iters: int = 300):
+    """DualProj: the mean gradient projected onto the dual cone of the rows of
+    J, w = argmin_{v ≥ 1/n} vᵀGv (the spec's wording for UPGrad)."""
+
+    def core(state, x: Inputs):
+        g = _prep(x)
+        u = safe_div(x.mask, jnp.sum(x.mask))
+        return dual_cone_weights(g, u, x.mask, iters), state
+
+    return make_aggregator("dualproj", ("gram",), core, hparams=dict(iters=iters))
