@@ -130,3 +130,22 @@ def test_non_float_leaves_are_excluded():
     tv = mm.task_vector(ft, pre)
     assert tv["count"] is None
     assert int(mm.average(pre, [tv])["count"]) == 3
+
+
+def test_nnx_state_and_pure_dict_give_the_same_merge():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, seed):
+            self.layers = nnx.List([nnx.Linear(2, 3, rngs=nnx.Rngs(seed + i)) for i in range(2)])
+
+    pre, fts = nnx.state(Net(0), nnx.Param), [nnx.state(Net(s), nnx.Param) for s in (1, 2)]
+    assert list(mm.flatten(pre)) == list(mm.flatten(nnx.to_pure_dict(pre)))
+    merged = mm.ties(pre, mm.task_vectors(fts, pre, exclude="*bias"), k=50)
+    assert isinstance(merged, nnx.State)
+    pure = mm.ties(nnx.to_pure_dict(pre), mm.task_vectors([nnx.to_pure_dict(f) for f in fts],
+                                                          nnx.to_pure_dict(pre), exclude="*bias"), k=50)
+    model = Net(0)
+    nnx.update(model, merged)
+    np.testing.assert_array_equal(model.layers[1].kernel[...], pure["layers"][1]["kernel"])
+    np.testing.assert_array_equal(model.layers[1].bias[...], nnx.to_pure_dict(pre)["layers"][1]["bias"])

@@ -1,8 +1,30 @@
 """Model merging: task vectors and merge methods as pure functions on parameter pytrees.
 
-``τ_k = task_vector(θ_k, θ0, exclude=[...])``, then ``MERGERS[name](θ0, [τ_1..τ_K],
-**hparams)``; :func:`merge_stream` runs the same methods tensor by tensor from
-lazy sources.  Excluded (``None``) task-vector entries keep the pretrained value.
+    tvs = task_vectors([θ_1, ..., θ_K], θ0, exclude=["heads/*"])
+    merged = get_merger("ties", k=20)(θ0, tvs)          # or MERGERS["ties"](θ0, tvs, k=20)
+    flat = merge_stream("ties", θ0_source, [θ_k sources], exclude=["heads/*"], k=20)
+
+Documented choices (details in each module):
+
+- Exclusions: excluded task-vector entries are ``None``; every merge copies
+  them from ``θ0``; they are not counted anywhere (TIES' top-k).  Parameters
+  only in the fine-tuned models (task heads) must be excluded and are the
+  caller's business.  Non-floating leaves are never merged.
+- TIES: keep ``|τ| >= t`` with ``t`` the ``round(k N / 100)``-th largest
+  float32 magnitude over all included entries of that task; all entries tied
+  at ``t`` are kept.  Zero-sum sign election elects no sign: the entry stays
+  at ``θ0``.  Modes ``mean`` / ``sum`` / ``max``; default ``lam = 1``.
+- DARE: task ``k``'s tensor at ``path`` draws its mask with
+  ``fold_in(fold_in(key, k), crc32(path))``; survivors are multiplied by
+  ``1/(1-p)``; default ``p = 0.5``, then task arithmetic (``then="ties"``
+  etc. also work).
+- Fisher: weights ``c_k (F_k + eps)``, ``eps = 1e-8``;
+  :func:`estimate_fisher` defaults to labels *sampled* from the model
+  (``"argmax"`` and exact ``"expected"`` are options).
+- RegMean: off-diagonal shrinkage ``α = 0.9``; params without a Gram are
+  averaged; dead input features take the plain average.
+- Results have the pretrained dtype (compute in >= float32); streaming and
+  sharded runs give the same numbers as the in-memory, single-device ones.
 """
 from mtl.merging.fisher import estimate_fisher, fisher
 from mtl.merging.registry import CORES, MERGERS, get_core, get_merger

@@ -2,7 +2,8 @@
 
 Paths join the pytree keys with ``/``: ``nnx.to_pure_dict(nnx.state(model,
 nnx.Param))`` gives paths like ``encoder/layers/0/kernel`` (integer keys are
-written in decimal).  Pass plain (pure) dicts, not ``nnx.State``.
+written in decimal).  Pure dicts are the intended input; an ``nnx.State``
+also works (its paths are the same, and merges return an ``nnx.State``).
 
 Excluded entries
 ----------------
@@ -48,9 +49,15 @@ def _key_str(k) -> str:
     return str(k)
 
 
+def _path_str(path, sep: str) -> str:
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]  # an nnx.Variable's payload: "a/kernel", not "a/kernel/value"
+    return sep.join(_key_str(k) for k in path)
+
+
 def _leaves_with_paths(tree: PyTree, sep: str = "/"):
     pairs, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
-    return [(sep.join(_key_str(k) for k in path), leaf) for path, leaf in pairs], treedef
+    return [(_path_str(path, sep), leaf) for path, leaf in pairs], treedef
 
 
 def flatten(tree: PyTree, sep: str = "/") -> dict[str, Any]:
