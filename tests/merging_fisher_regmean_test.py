@@ -1,6 +1,5 @@
 """Fisher merging, Fisher estimation and RegMean against numpy / closed forms."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -55,7 +54,7 @@ def _logreg():
     return params, x, (lambda p, xb: xb @ p["w"] + p["b"])
 
 
-def _np_grads(params, x, y_onehot_fn):
+def _np_grads(params, x):
     """Per-example squared-gradient terms for softmax regression: d log p_y / dW = x (e_y − p)ᵀ."""
     logits = x.astype(np.float64) @ params["w"] + params["b"]
     p = np.exp(logits - logits.max(1, keepdims=True))
@@ -65,7 +64,7 @@ def _np_grads(params, x, y_onehot_fn):
 
 def test_estimate_fisher_argmax_and_expected_match_numpy():
     params, x, fn = _logreg()
-    p, sq = _np_grads(params, x, None)
+    p, sq = _np_grads(params, x)
     eye = np.eye(3)
     gw, gb = sq(eye[p.argmax(1)])
     f = mm.estimate_fisher(fn, params, x, labels="argmax", batch_size=16)
@@ -83,8 +82,8 @@ def test_estimate_fisher_sample_is_unbiased_and_deterministic():
     xs = np.tile(x, (40, 1))  # 2000 examples: the sampled estimate approaches the exact expectation
     exact = mm.estimate_fisher(fn, params, x, labels="expected")
     s1 = mm.estimate_fisher(fn, params, xs, labels="sample", key=jax.random.key(0), batch_size=500)
-    s2 = mm.estimate_fisher(fn, params, xs, labels="sample", key=jax.random.key(0), batch_size=500)
-    np.testing.assert_array_equal(s1["w"], s2["w"])
+    s2 = mm.estimate_fisher(fn, params, xs, labels="sample", key=jax.random.key(0), batch_size=400)
+    np.testing.assert_allclose(s1["w"], s2["w"], rtol=1e-5)  # example i's key does not depend on batching
     np.testing.assert_allclose(np.sum(s1["w"]), np.sum(exact["w"]), rtol=0.1)
     np.testing.assert_allclose(s1["b"], exact["b"], rtol=0.2)
     with pytest.raises(ValueError, match="labels"):

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from mtl.merging.sources import MergeInputs, run_tree
 from mtl.merging.topk import kth_largest_magnitudes, magnitude
-from mtl.merging.tree import PyTree, flatten
+from mtl.merging.tree import PyTree, check_compatible, flatten
 
 __all__ = [
     "average", "average_models", "task_arithmetic", "combine", "layerwise_coeffs",
@@ -190,8 +190,6 @@ def average_models(models: Sequence[PyTree], weights: Sequence[float] | None = N
     def avg(*xs):
         ct = compute_dtype(xs[0].dtype)
         return functools.reduce(jnp.add, [wi * x.astype(ct) for wi, x in zip(w, xs)]).astype(xs[0].dtype)
-
-    from mtl.merging.tree import check_compatible
 
     check_compatible(models[0], *models[1:], names=[f"model {i}" for i in range(len(models))], warn_identical=False)
     return jax.tree.map(avg, *models)

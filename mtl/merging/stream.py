@@ -9,7 +9,8 @@ DARE) first makes two histogram passes over all tensors for its exact global
 top-k threshold (:mod:`mtl.merging.topk`), so it reads every model three
 times; the other methods read each tensor once.  Pass ``sink(path, tensor)``
 to hand each merged tensor on (e.g. to a checkpoint writer) instead of
-keeping the result.  Sharded tensors stay sharded.
+keeping the result.  Sharded tensors stay sharded.  A pretrained source
+without ``spec(path)`` is read once more up front to learn each dtype.
 """
 from __future__ import annotations
 
