@@ -146,6 +146,11 @@ def make_aggregator(name: str, needs, core, *, init=None, update=None,
         if "key" in needs and key is None:
             raise ValueError(f"{name}: needs a PRNG key; pass key=")
         t = _infer_num_tasks(name, gram, losses, present)
+        given = {k: v for k, v in (("gram", gram), ("losses", losses), ("present", present))
+                 if v is not None}
+        if any(jnp.shape(v)[:1] != (t,) for v in given.values()):
+            shapes = ", ".join(f"{k} {tuple(jnp.shape(v))}" for k, v in given.items())
+            raise ValueError(f"{name}: inputs disagree on the number of tasks: {shapes}")
         _check_shape(name, "gram", gram, (t, t))
         _check_shape(name, "losses", losses, (t,))
         _check_shape(name, "present", present, (t,))
