@@ -25,7 +25,8 @@ class MoEMultiTaskModel(nnx.Module):
 
     def __init__(self, architecture: nnx.Module, tasks: Sequence[Task], *, encoder: nnx.Module | None = None,
                  rngs: nnx.Rngs):
-        self.tasks = TaskSet(tasks)
+        # a plain tuple: a TaskSet (tuple subclass) attribute breaks nnx.jit's graph traversal
+        self.task_specs = tuple(TaskSet(tasks))
         if tuple(architecture.task_names) != tuple(self.tasks.names):
             raise ValueError(f"the architecture was built for tasks {list(architecture.task_names)} "
                              f"but the model gets tasks {self.tasks.names} (same names, same order)")
@@ -33,6 +34,10 @@ class MoEMultiTaskModel(nnx.Module):
         self.architecture = architecture
         d = architecture.out_features
         self.heads = nnx.Dict({t.name: t.head.build(d, rngs=rngs) for t in self.tasks})
+
+    @property
+    def tasks(self) -> TaskSet:
+        return TaskSet(self.task_specs)
 
     @property
     def task_names(self) -> list[str]:

@@ -14,7 +14,8 @@ Pure functions work on *flattened tokens* ``[N, ...]`` (reshape ``[B, L, d]`` to
 
 Overflow policy (``dispatch_and_combine``): every (token, choice) assignment gets a slot in
 its expert's buffer in priority order — all tokens' first choices, in token order, then all
-second choices, in token order, and so on (GShard / Switch order). An assignment whose slot
+second choices, in token order, and so on (GShard / Switch order); its slot is the number
+of earlier assignments to the same expert, dropped ones included. An assignment whose slot
 would be ``>= capacity`` is **dropped** for that expert: it is not dispatched and its
 combine weight is 0; its other (kept) choices are unaffected. A token all of whose choices
 are dropped gets a zero MoE output, so the layer's residual path carries it unchanged.
