@@ -175,6 +175,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
             bad_step, bad_task = (int(v) for v in jax.device_get(st.first_nonfinite))
             what = (f"the loss of task {task_names[bad_task]!r}" if bad_task >= 0
                     else "the gradient (all task losses finite)")
+            store.wait()  # a checkpoint still being written is a good one: finish it
             last = store.latest_step()
             raise NonFiniteLossError(
                 f"{what} became NaN/inf at step {bad_step + 1}; training stopped (no update was applied). "
@@ -232,6 +233,10 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
         if int(jax.device_get(state.step)) > (store.latest_step() or 0):
             store.save(int(jax.device_get(state.step)), state, meta)
         store.close()
+        best_store.close()
+        raise
+    except BaseException:
+        store.close()  # finish checkpoints already started; they hold good states
         best_store.close()
         raise
     finally:
