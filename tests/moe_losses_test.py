@@ -134,3 +134,12 @@ def test_router_z_loss():
     mask = np.array([True, False, True, True, False, True])
     np.testing.assert_allclose(L.router_z_loss(jnp.asarray(z), mask=mask), np.mean(lse.reshape(-1)[mask] ** 2),
                                rtol=1e-5)
+
+
+def test_lbl_in_jit_on_data_sharded_batch_is_global():
+    probs, idx = sample(16, 9)
+    mesh = make_mesh({"data": 8})
+    sh = jax.sharding.NamedSharding(mesh, P("data"))
+    p, i = jax.device_put(jnp.asarray(probs), sh), jax.device_put(jnp.asarray(idx), sh)
+    np.testing.assert_allclose(jax.jit(L.load_balancing_loss)(p, i), np_lbl(probs, idx), rtol=1e-5)
+    np.testing.assert_allclose(L.expert_counts(jnp.asarray(idx[:, 0]), E), np.bincount(idx[:, 0], minlength=E))

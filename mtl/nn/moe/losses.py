@@ -52,11 +52,17 @@ def _flat(probs, indices, mask):
 
 
 def expert_counts(indices, num_experts: int, mask=None):
-    """Number of token->expert assignments per expert ``[E]`` (float); ``indices [..., k]``."""
+    """Number of token->expert assignments per expert ``[E]`` (float); ``indices [..., k]``
+    (a 1-D ``indices`` is top-1: one choice per token)."""
+    if indices.ndim == 1:
+        indices = indices[:, None]
     indices = indices.reshape(-1, indices.shape[-1])
     onehot = jax.nn.one_hot(indices, num_experts)                     # [N, k, E]
     if mask is not None:
-        onehot = onehot * jnp.asarray(mask, onehot.dtype).reshape(-1, 1, 1)
+        mask = jnp.asarray(mask, onehot.dtype).reshape(-1)
+        if mask.shape[0] != indices.shape[0]:
+            raise ValueError(f"mask has {mask.shape[0]} tokens but indices has {indices.shape[0]}")
+        onehot = onehot * mask[:, None, None]
     return jnp.sum(onehot, axis=(0, 1))
 
 
