@@ -1,6 +1,5 @@
 """Expert-axis annotations, sharding over an `expert` mesh axis, and divisibility errors."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

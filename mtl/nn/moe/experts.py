@@ -145,7 +145,8 @@ class MLPExperts(_ExpertsBase):
         self.b_down = stacked_param(rngs, _zeros, (num_experts, out_features), ("expert", "embed"))
 
     def forward(self, x, shared_input: bool):
-        """``(out [E, N, d_out], hidden activation [E, N, hidden])``."""
+        """``(out [E, N, d_out], act)``: ``act`` is the hidden activation ``[E, N, hidden]``, or
+        the output when ``out_activation`` is set."""
         self._check(x, shared_input)
         h = (_shared if shared_input else _per_expert)(x, self.w_up[...]) + _bias(self.b_up[...])
         h = constrain(_activation(self.activation)(h), ("expert", "batch", "mlp"))

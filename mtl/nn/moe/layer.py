@@ -1,8 +1,9 @@
 """A token-routed sparse MoE layer: router -> top-k -> dispatch -> experts -> combine.
 
 This is the dense-dispatch *reference* path (einsum with capacity). The expert-parallel
-path (``shard_map`` + all-to-all + ``ragged_dot``) can replace ``_experts_on_tokens`` and
-must agree with it. The caller adds the residual: ``x + moe(x)[0]`` carries dropped tokens.
+path (``shard_map`` + all-to-all + ``ragged_dot``) can replace the
+``dispatch -> experts.per_expert -> combine`` part of ``__call__`` and must agree with it.
+The caller adds the residual: ``x + moe(x)[0]`` carries dropped tokens.
 """
 from __future__ import annotations
 
