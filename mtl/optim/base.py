@@ -30,14 +30,35 @@ passing them costs nothing.
 Non-finite inputs: if any input the method uses (G and/or losses, per
 ``needs``) holds NaN/inf, ``weights`` returns all-NaN weights and the state
 *unchanged*, so the trainer can detect it with ``jnp.isfinite(w).all()`` and
-skip the step without corrupting the aggregator. Finite inputs, however
-degenerate (zero, parallel, opposite, or wildly scaled gradients), always
-give finite weights.
+skip the step without corrupting the aggregator. EW and RLW read neither
+input and the Gramian methods read only G, so the trainer checks its losses
+itself (it must anyway). Finite inputs, however degenerate (zero, parallel,
+opposite or wildly scaled gradients), always give finite weights.
 
-Scale of the weights: each method keeps its paper's convention (EW: w = 1,
-Σ w = T; RLW, MGDA, IMTL-G, FAMO: Σ w = 1; CAGrad: w = 1/T + λ w_sim,
-i.e. d is on the scale of the mean gradient; see each factory's docstring).
-The learning rate absorbs the difference.
+Call ``weights`` exactly once per training step: stateful methods (UW,
+GradNorm, DWA, FAMO, Nash-MTL with update_every > 1) advance their state in it.
+The weights multiply the task losses / shared-parameter gradients; whether
+task-specific heads see the weighted or unweighted losses is the trainer's
+choice (implementations differ: LibMTL gives the heads the unweighted
+losses, the Nash-MTL and FAMO codes the weighted ones).
+
+Scale of the weights: each method keeps its paper's convention and the
+learning rate absorbs the difference:
+
+==============  ============================================================
+EW              w = 1 (Σ w = T, or the number of present tasks)
+RLW             softmax of N(0, I): Σ w = 1
+UW              w = exp(−s_t)
+DWA             Σ w = T (number of present tasks)
+GradNorm        learned, Σ w = T
+FAMO            Σ w = 1
+MGDA, IMTL-G    Σ w = 1
+PCGrad          sum of the projected gradients (EW's scale)
+CAGrad          1/T + λ w* (the mean gradient's scale, plus the ball term)
+Nash-MTL        solution on G/‖G‖_F (scale free)
+Aligned-MTL     B·1 with singular values sqrt(λ_min) (see aligned_mtl)
+UPGrad/DualProj mean gradient's scale (v ≥ 1/T)
+==============  ============================================================
 """
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ def mgda_two_tasks(gram, mask=None):
     return jnp.where(mask[0] * mask[1] > 0, both, solvers.uniform(mask))
 
 
-def mgda(iters: int = 100):
+def mgda(iters: int = 250):
     """MGDA (Sener & Koltun): w = argmin_{w ∈ Δ} wᵀGw, the min-norm point of
     the convex hull of the task gradients; Σ w = 1. Closed form for T = 2,
     pairwise Frank–Wolfe with ``iters`` steps otherwise. No gradient
@@ -155,13 +155,14 @@ def imtl_g_weights(gram, mask=None, rtol: float = 1e-6):
     return jnp.where(jnp.any(valid), alpha, 0.0)
 
 
-def imtl_g():
-    """IMTL-G, weights Σ α = 1 (see :func:`imtl_g_weights`)."""
+def imtl_g(rtol: float = 1e-6):
+    """IMTL-G, weights Σ α = 1 (see :func:`imtl_g_weights`); gradients with
+    norm ≤ rtol × the largest count as zero (weight 0)."""
 
     def core(state, x: Inputs):
-        return imtl_g_weights(_prep(x), x.mask), state
+        return imtl_g_weights(_prep(x), x.mask, rtol), state
 
-    return make_aggregator("imtl_g", ("gram",), core)
+    return make_aggregator("imtl_g", ("gram",), core, hparams=dict(rtol=rtol))
 
 
 # ------------------------------------------------------------- Nash-MTL -----

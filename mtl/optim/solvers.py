@@ -33,7 +33,7 @@ def uniform(mask):
     return safe_div(mask, jnp.sum(mask))
 
 
-def min_norm_simplex(gram, mask, iters: int = 100):
+def min_norm_simplex(gram, mask, iters: int = 250):
     """argmin_{w ∈ Δ} wᵀ G w by pairwise Frank–Wolfe with exact line search.
 
     Each step moves mass from the active vertex with the largest gradient
