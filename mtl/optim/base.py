@@ -62,6 +62,7 @@ UPGrad/DualProj mean gradient's scale (v ≥ 1/T)
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -70,8 +71,12 @@ import jax.numpy as jnp
 NEEDS = frozenset({"gram", "losses", "key"})
 
 
-class Aggregator(NamedTuple):
-    """A gradient aggregation / loss weighting method (see module docstring)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Aggregator:
+    """A gradient aggregation / loss weighting method (see module docstring).
+
+    Hashable by identity (usable as a static argument of ``jax.jit``) and not
+    a pytree, so it can be closed over or passed statically."""
 
     name: str
     needs: frozenset
