@@ -154,6 +154,8 @@ def export_artifact(path: str, params: Mapping, metadata: Mapping, overwrite: bo
     if os.path.exists(path):
         if not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        if not os.path.isfile(os.path.join(path, "metadata.json")):
+            raise FileExistsError(f"{path} exists and is not an mtl artifact; refusing to overwrite it")
         shutil.rmtree(path)
     os.makedirs(path)
     meta = dict(metadata)

@@ -76,7 +76,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     mod = importlib.util.module_from_spec(s)
     s.loader.exec_module(mod)
     if not hasattr(mod, "get_config"):
-        raise AttributeError(f"config file {path} defines no get_config(arg=None)")
+        raise ValueError(f"config file {path} defines no get_config(arg=None)")
     cfg = mod.get_config(arg or None) if arg else mod.get_config()
     if not isinstance(cfg, ml_collections.ConfigDict):
         cfg = ml_collections.ConfigDict(cfg)
@@ -88,6 +88,8 @@ def _parse_value(text: str, current: Any):
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         value = text
+    if isinstance(current, str) and not isinstance(value, str):
+        return text  # a string field keeps the text as typed (--config.name=2024)
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(current, (tuple, list)) and isinstance(value, (tuple, list)):
@@ -136,20 +138,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Sequence[str]) ->
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Check keys against ``base_config`` (unknown keys name the closest valid one)."""
-    ref = base_config()
+    _walk_keys(cfg, base_config())
+    _check_values(cfg)
 
-    def walk(node, refnode, prefix):
-        for k in _keys(node):
-            if k not in _keys(refnode):
-                close = difflib.get_close_matches(k, _keys(refnode), n=1)
-                hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
-                raise KeyError(f"unknown config key {prefix + k!r}.{hint} Valid keys here: {', '.join(sorted(_keys(refnode)))}")
-            if k in ("kwargs", "encoder_kwargs", "arch_kwargs", "rules"):
-                continue
-            if isinstance(refnode[k], ml_collections.ConfigDict):
-                walk(node[k], refnode[k], prefix + k + ".")
 
-    walk(cfg, ref, "")
+def _check_values(cfg) -> None:
     t = cfg.train
     if t.select not in ("best", "last"):
         raise ValueError(f"train.select must be 'best' or 'last'; got {t.select!r}")
@@ -162,10 +155,24 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
 def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``base_config()`` updated with ``cfg`` (so every key the trainer reads exists)."""
-    validate(cfg)
+    if not isinstance(cfg, ml_collections.ConfigDict):
+        cfg = ml_collections.ConfigDict(cfg)
+    validate_keys = base_config()
+    _walk_keys(cfg, validate_keys)
     out = base_config()
     out.update_from_flattened_dict({k: v for k, v in _flatten(cfg.to_dict()).items()})
+    _check_values(out)
     return out
+
+
+def _walk_keys(cfg, ref, prefix=""):
+    for k in _keys(cfg):
+        if k not in _keys(ref):
+            close = difflib.get_close_matches(k, _keys(ref), n=1)
+            hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
+            raise KeyError(f"unknown config key {prefix + k!r}.{hint} Valid keys here: {', '.join(sorted(_keys(ref)))}")
+        if k not in ("kwargs", "encoder_kwargs", "arch_kwargs", "rules") and isinstance(ref[k], ml_collections.ConfigDict):
+            _walk_keys(cfg[k], ref[k], prefix + k + ".")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -17,7 +17,11 @@ def _per_sample(x):
 def softmax_xent(logits, labels):
     """Cross-entropy of integer ``labels`` [B, ...] under ``logits`` [B, ..., C]."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels.astype(jnp.int32)[..., None], axis=-1)[..., 0]
+    labels = labels.astype(jnp.int32)
+    nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    # an out-of-range id (e.g. -1 left on a labelled sample) must not score a real class:
+    # it gives NaN, which the trainer reports (naming the task) instead of training on it
+    nll = jnp.where((labels >= 0) & (labels < logits.shape[-1]), nll, jnp.nan)
     return _per_sample(nll)
 
 

@@ -75,10 +75,6 @@ def test_missing_config_file(tmp_path, capsys):
     assert rc == 1 and "nope.py" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "config.load_config_file raises AttributeError for a file without get_config, and cli.main "
-    "catches only KeyError/ValueError/TypeError/FileNotFoundError/FileExistsError/RuntimeError/"
-    "FloatingPointError, so `mtl train` dies with a traceback instead of exit 1 and a message"))
 def test_config_file_without_get_config_exit_1(tmp_path, capsys):
     cfg = tmp_path / "bad.py"
     cfg.write_text("x = 1\n")

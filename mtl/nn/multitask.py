@@ -15,10 +15,15 @@ class MultiTaskModel(nnx.Module):
     """
 
     def __init__(self, encoder: nnx.Module, tasks: Sequence[Task], *, rngs: nnx.Rngs):
-        self.tasks = TaskSet(tasks)
+        # a plain tuple attribute (a tuple subclass confuses nnx's graph traversal under nnx.jit)
+        self._tasks = tuple(TaskSet(tasks))
         self.encoder = encoder
         d = encoder.out_features
-        self.heads = nnx.Dict({t.name: t.head.build(d, rngs=rngs) for t in self.tasks})
+        self.heads = nnx.Dict({t.name: t.head.build(d, rngs=rngs) for t in self._tasks})
+
+    @property
+    def tasks(self) -> TaskSet:
+        return TaskSet(self._tasks)
 
     @property
     def task_names(self) -> list[str]:
