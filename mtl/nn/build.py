@@ -26,7 +26,33 @@ def shared_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
     return make
 
 
+def moe_factory(name: str) -> Callable:
+    """Multi-task MoE (``mtl.nn.moe``): optional ``model.encoder`` (``"none"`` = the flattened
+    input), then the expert architecture with its ``arch_kwargs``, then the task heads."""
+
+    def make_factory(model_cfg, tasks, input_shape):
+        import math
+
+        from mtl.nn.moe import build_moe_model
+
+        enc_name = model_cfg.get("encoder", "none") or "none"
+        enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
+        arch_kwargs = dict(model_cfg.get("arch_kwargs", {}) or {})
+
+        def make(rngs: nnx.Rngs):
+            if enc_name == "none":
+                return build_moe_model(name, tasks, int(math.prod(input_shape)), rngs=rngs, **arch_kwargs)
+            enc = build_encoder(enc_name, input_shape, rngs=rngs, **enc_kwargs)
+            return build_moe_model(name, tasks, encoder=enc, rngs=rngs, **arch_kwargs)
+
+        return make
+
+    return make_factory
+
+
 ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory}
+for _name in ("one_gate_moe", "mmoe", "cgc", "ple", "home"):
+    ARCHITECTURES[_name] = moe_factory(_name)
 
 
 def model_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
