@@ -93,7 +93,7 @@ def masked_mean(values, mask):
 def _label_and_mask(task: Task, pred, batch):
     if task.name not in batch["labels"]:
         raise KeyError(f"batch has no labels for task {task.name!r}; it has {sorted(batch['labels'])}")
-    y = batch["labels"][task.name]
+    y = jnp.asarray(batch["labels"][task.name])
     task.head.check_labels(task.name, pred.shape, y.shape, y.dtype)
     masks = batch.get("masks") or {}
     m = masks.get(task.name)
