@@ -19,12 +19,12 @@ import os
 _AUTO_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri")
 
 
-def _detected_cluster() -> str | None:
-    if any(os.environ.get(k) for k in _AUTO_MARKERS):
+def _detected_cluster(env) -> str | None:
+    if any(env.get(k) for k in _AUTO_MARKERS):
         return "auto"
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and os.environ.get("SLURM_JOB_ID"):
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1 and env.get("SLURM_JOB_ID"):
         return "slurm"
-    if int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
         return "openmpi"
     return None
 
@@ -52,7 +52,7 @@ def initialize(env: dict | None = None) -> dict:
         jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid, **kwargs)
         mode = "explicit"
     else:
-        mode = _detected_cluster()
+        mode = _detected_cluster(env)
         if mode is None:
             return {"mode": "single", "process_index": 0, "process_count": 1}
         jax.distributed.initialize()
