@@ -189,3 +189,16 @@ def test_baselines_and_delta_m(tmp_path):
         m, s = res["test"][t], stl["test"][t]
         rel[t] = np.mean([-(m["mse"] - s["mse"]) / s["mse"], -(m["mae"] - s["mae"]) / s["mae"]]) * 100
     assert res["delta_m_test"]["delta_m"] == pytest.approx(np.mean(list(rel.values())), rel=1e-9)
+
+
+def test_train_on_a_tfds_dataset(tmp_path):
+    """`data.name="tfds"` end to end through the trainer (tfds mocked: nothing to download)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = tiny_config(steps=4, batch_size=16, eval_batch_size=32, log_every=2, eval_every=2, checkpoint_every=2)
+    cfg.data.name = "tfds"
+    cfg.data.kwargs = dict(name="mnist", tasks={"digit": "label"})
+    with tfds.testing.mock_data(num_examples=80):
+        res = run(cfg, str(tmp_path / "run"))
+    assert [t["name"] for t in res["tasks"]] == ["digit"]
+    assert 0.0 <= res["test"]["digit"]["accuracy"] <= 1.0
+    assert np.isfinite(res["test"]["digit"]["loss"])
