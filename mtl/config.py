@@ -21,6 +21,9 @@ import ml_collections
 
 from mtl.sharding import DEFAULT_RULES
 
+# config entries whose contents are free-form (passed on as keyword arguments), not checked
+FREE_FORM = ("kwargs", "encoder_kwargs", "arch_kwargs")
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -107,7 +110,7 @@ def set_override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None
     for i, p in enumerate(parts):
         keys = _keys(node)
         last = i == len(parts) - 1
-        is_free_dict = isinstance(node, dict) or (i > 0 and parts[i - 1] in ("kwargs", "encoder_kwargs", "arch_kwargs"))
+        is_free_dict = isinstance(node, dict) or (i > 0 and parts[i - 1] in FREE_FORM)
         if p not in keys and not (last and is_free_dict):
             where = ".".join(parts[:i]) or "config"
             close = difflib.get_close_matches(p, keys, n=1)
@@ -157,8 +160,7 @@ def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``base_config()`` updated with ``cfg`` (so every key the trainer reads exists)."""
     if not isinstance(cfg, ml_collections.ConfigDict):
         cfg = ml_collections.ConfigDict(cfg)
-    validate_keys = base_config()
-    _walk_keys(cfg, validate_keys)
+    _walk_keys(cfg, base_config())
     out = base_config()
     out.update_from_flattened_dict({k: v for k, v in _flatten(cfg.to_dict()).items()})
     _check_values(out)
@@ -171,14 +173,14 @@ def _walk_keys(cfg, ref, prefix=""):
             close = difflib.get_close_matches(k, _keys(ref), n=1)
             hint = f" Did you mean {prefix + close[0]!r}?" if close else ""
             raise KeyError(f"unknown config key {prefix + k!r}.{hint} Valid keys here: {', '.join(sorted(_keys(ref)))}")
-        if k not in ("kwargs", "encoder_kwargs", "arch_kwargs", "rules") and isinstance(ref[k], ml_collections.ConfigDict):
+        if k not in FREE_FORM + ("rules",) and isinstance(ref[k], ml_collections.ConfigDict):
             _walk_keys(cfg[k], ref[k], prefix + k + ".")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k not in ("kwargs", "encoder_kwargs", "arch_kwargs"):
+        if isinstance(v, dict) and k not in FREE_FORM:
             out.update(_flatten(v, prefix + k + "."))
         else:
             out[prefix + k] = v

@@ -15,10 +15,8 @@ seed and step). A workdir holding a different config is refused unless ``resume`
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
-import sys
 import time
 
 import jax
@@ -143,7 +141,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
     meta = {"best_value": None, "best_step": None}
     start = store.latest_step()
     if start is not None:
-        state, meta = steps_restore(steps, store, start)
+        state, meta = store.restore(start, steps.abstract_state)
         for s in best_store.steps():
             if s > start:
                 best_store.delete(s)
@@ -266,8 +264,3 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
     return results
-
-
-def steps_restore(steps: Steps, store: CheckpointStore, step: int):
-    state, meta = store.restore(step, steps.abstract_state)
-    return state, meta

@@ -95,11 +95,10 @@ class Steps:
     def model(self, params, rest=None):
         """A concrete ``nnx`` model with these parameters (e.g. ``steps.model(state.params)``)."""
         if rest is None:
-            rest = nnx.split(nnx.merge(self.graphdef, params, self._empty_rest()), nnx.Param, ...)[2]
+            rest = self.abstract_state.rest
+            if jax.tree.leaves(rest):
+                raise ValueError("this model has non-parameter state; pass rest=state.rest")
         return nnx.merge(self.graphdef, params, rest)
-
-    def _empty_rest(self):
-        return jax.eval_shape(self._init_fn).rest
 
     # ------------------------------------------------------------------ pure functions
     def _init_fn(self):
