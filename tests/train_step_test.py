@@ -121,3 +121,41 @@ def test_nonfinite_step_applies_no_update_and_records_task():
     assert list(np.asarray(state.first_nonfinite)) == [0, 1]  # step 0, task index 1 ("reg")
     for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(jax.device_get(state.params))):
         np.testing.assert_array_equal(a, c)
+
+
+class WithAux(nnx.Module):
+    """A model whose forward_with_aux adds c * sum(w^2) of its first kernel as an auxiliary loss."""
+
+    def __init__(self, rngs, c=0.5):
+        self.inner = factory_for("mlp", (6,), hidden=(8,))(rngs)
+        self.c = c
+
+    @property
+    def tasks(self):
+        return self.inner.tasks
+
+    def forward_with_aux(self, x):
+        k = self.inner.encoder.layers[0].kernel[...]
+        return self.inner(x), {"loss": self.c * jnp.sum(k ** 2), "other": jnp.ones(())}
+
+    def __call__(self, x):
+        return self.forward_with_aux(x)[0]
+
+
+def test_auxiliary_loss_is_added_to_the_objective():
+    rng = np.random.default_rng(4)
+    b = make_batch(rng, 16, (6,))
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    sgd = lambda: make_optimizer("sgd", 1.0, 10, schedule="constant", momentum=0.0)
+    plain = Steps(factory_for("mlp", (6,), hidden=(8,)), TASKS, sgd(), mesh)
+    aux = Steps(lambda rngs: WithAux(rngs), TASKS, sgd(), mesh)
+    s0 = plain.init()
+    k0 = np.asarray(jax.device_get(s0.params["encoder"]["layers"][0]["kernel"][...]))
+    s_plain, m_plain = plain.step(s0, plain.put_batch(b))
+    s_aux, m_aux = aux.step(aux.init(), aux.put_batch(b))
+    np.testing.assert_allclose(float(m_aux["aux_loss"]), 0.5 * np.sum(k0 ** 2), rtol=1e-5)
+    np.testing.assert_allclose(float(m_aux["loss"]), float(m_plain["loss"]) + 0.5 * np.sum(k0 ** 2), rtol=1e-5)
+    # the extra gradient of 0.5*|k|^2 is k: the aux run's kernel is lower by exactly k0 (lr 1)
+    k_plain = np.asarray(jax.device_get(s_plain.params["encoder"]["layers"][0]["kernel"][...]))
+    k_aux = np.asarray(jax.device_get(s_aux.params["inner"]["encoder"]["layers"][0]["kernel"][...]))
+    np.testing.assert_allclose(k_aux, k_plain - k0, rtol=1e-5, atol=1e-6)

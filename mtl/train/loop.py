@@ -198,7 +198,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
                 eta = (total - s1) / max(rate, 1e-9)
                 losses = {n: float(v) for n, v in zip(task_names, m["losses"])}
                 write({"step": s1, "split": "train", "loss": float(m["loss"]), "losses": losses,
-                       "grad_norm": float(m["grad_norm"]), "steps_per_s": rate})
+                       "aux_loss": float(m["aux_loss"]), "grad_norm": float(m["grad_norm"]), "steps_per_s": rate})
                 parts = " ".join(f"{n}={v:.4g}" for n, v in losses.items())
                 log(f"step {s1:>6}/{total} | loss {float(m['loss']):.4f} ({parts}) | "
                     f"{rate:,.1f} steps/s | ETA {_fmt_time(eta)}")

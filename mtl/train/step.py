@@ -113,25 +113,37 @@ class Steps:
                           first_nonfinite=jnp.full((2,), -1, jnp.int32))
 
     def _losses(self, params, rest, batch):
+        """(per-task losses [T], auxiliary loss scalar, updated non-parameter state).
+
+        A model with ``forward_with_aux(x) -> (outputs, aux)`` may put an auxiliary
+        objective (already weighted, e.g. an MoE load-balancing loss) in ``aux["loss"]``;
+        it is added to the training objective as is, outside the per-task weighting.
+        """
         model = nnx.merge(self.graphdef, params, rest)
-        outputs = model(batch["inputs"])
+        aux_loss = jnp.zeros((), jnp.float32)
+        if hasattr(model, "forward_with_aux"):
+            outputs, aux = model.forward_with_aux(batch["inputs"])
+            if isinstance(aux, dict) and "loss" in aux:
+                aux_loss = jnp.asarray(aux["loss"], jnp.float32)
+        else:
+            outputs = model(batch["inputs"])
         losses = losses_from_outputs(self.tasks, outputs, batch)
         new_rest = nnx.split(model, nnx.Param, ...)[2]
-        return losses, new_rest
+        return losses, aux_loss, new_rest
 
     def _train_step(self, state: TrainState, batch):
         w = jnp.asarray(self.loss_weights)
 
         def objective(params):
-            losses, new_rest = self._losses(params, state.rest, batch)
-            return jnp.sum(w * losses), (losses, new_rest)
+            losses, aux_loss, new_rest = self._losses(params, state.rest, batch)
+            return jnp.sum(w * losses) + aux_loss, (losses, aux_loss, new_rest)
 
-        (total, (losses, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        (total, (losses, aux_loss, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         gnorm = optax.tree.norm(grads)
         finite_losses = jnp.isfinite(losses)
-        ok = jnp.all(finite_losses) & jnp.isfinite(gnorm)
+        ok = jnp.all(finite_losses) & jnp.isfinite(gnorm) & jnp.isfinite(aux_loss)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
         bad_task = jnp.where(jnp.all(finite_losses), -1, jnp.argmin(finite_losses)).astype(jnp.int32)
         first = jnp.where((state.first_nonfinite[0] < 0) & ~ok,
@@ -140,7 +152,7 @@ class Steps:
                                rest=keep(new_rest, state.rest), opt_state=keep(opt_state, state.opt_state),
                                rng=state.rng, nonfinite_count=state.nonfinite_count + (~ok).astype(jnp.int32),
                                first_nonfinite=first)
-        metrics = {"loss": total, "losses": losses, "grad_norm": gnorm, "ok": ok}
+        metrics = {"loss": total, "losses": losses, "aux_loss": aux_loss, "grad_norm": gnorm, "ok": ok}
         return new_state, metrics
 
     def _eval_step(self, params, rest, batch):
