@@ -1,8 +1,14 @@
 """A token-routed sparse MoE layer: router -> top-k -> dispatch -> experts -> combine.
 
-This is the dense-dispatch *reference* path (einsum with capacity). The expert-parallel
-path (``shard_map`` + all-to-all + ``ragged_dot``) can replace the
-``dispatch -> experts.per_expert -> combine`` part of ``__call__`` and must agree with it.
+``impl`` picks how tokens reach the experts (all three share routing, capacity and the
+overflow policy of ``routing.py``, and give the same outputs and gradients):
+
+* ``"dense"``: the reference, one-hot dispatch/combine einsums over ``[N, E, C]``;
+* ``"shard_map"``: expert parallelism on the mesh's ``expert`` axis (all-to-all and
+  ``ragged_dot`` grouped matmuls; ``parallel.expert_parallel_ffn``);
+* ``"capacity"``: scatter/gather into ``[E, C, d]`` buffers (``parallel.capacity_ffn``),
+  whose compiled FLOPs count only ``E * C`` expert evaluations.
+
 The caller adds the residual: ``x + moe(x)[0]`` carries dropped tokens.
 """
 from __future__ import annotations
@@ -11,8 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtl.nn.moe.experts import MLPExperts
+from mtl.nn.moe.parallel import capacity_ffn, expert_parallel_ffn
 from mtl.nn.moe.routing import (ROUTERS, MultiGateRouter, Router, TaskConditionedRouter, check_top_k, combine,
                                 dispatch, dispatch_and_combine, expert_capacity, route)
+
+
+IMPLS = ("dense", "shard_map", "capacity")
 
 
 class SparseMoE(nnx.Module):
@@ -31,8 +41,11 @@ class SparseMoE(nnx.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, k: int = 2, *,
                  capacity_factor: float | None = 1.25, router: str = "single", num_tasks: int | None = None,
                  task_features: int | None = None, noisy: bool = False, renormalize: bool = False,
-                 activation="gelu", rngs: nnx.Rngs):
+                 activation="gelu", impl: str = "dense", rngs: nnx.Rngs):
         check_top_k(k, num_experts)
+        if impl not in IMPLS:
+            raise ValueError(f"unknown MoE impl {impl!r}; valid: {', '.join(IMPLS)}")
+        self.impl, self.activation = impl, activation
         if router not in ROUTERS:
             raise ValueError(f"unknown router {router!r}; valid names: {', '.join(sorted(ROUTERS))}")
         if router != "single" and not num_tasks:
@@ -58,13 +71,27 @@ class SparseMoE(nnx.Module):
             task_id = jnp.asarray(task_id).reshape(-1)
         return self.router(tokens, task_id, key=key)
 
-    def __call__(self, x, task_id=None, *, key=None):
+    def expert_params(self) -> dict:
+        e = self.experts
+        return {"w_up": e.w_up[...], "b_up": e.b_up[...], "w_down": e.w_down[...], "b_down": e.b_down[...]}
+
+    def __call__(self, x, task_id=None, *, key=None, impl: str | None = None):
         lead = x.shape[:-1]
         tokens = x.reshape(-1, x.shape[-1])
         r = route(self.logits(tokens, task_id, key=key), self.k, renormalize=self.renormalize)
         capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
-        dispatch_mask, combine_w, kept = dispatch_and_combine(r.weights, r.indices, self.num_experts, capacity)
-        y = combine(self.experts.per_expert(dispatch(tokens, dispatch_mask)), combine_w)
+        impl = impl or self.impl
+        if impl == "dense":
+            dispatch_mask, combine_w, kept = dispatch_and_combine(r.weights, r.indices, self.num_experts, capacity)
+            y = combine(self.experts.per_expert(dispatch(tokens, dispatch_mask)), combine_w)
+        elif impl == "shard_map":
+            y, kept = expert_parallel_ffn(tokens, r.weights, r.indices, self.expert_params(),
+                                          num_experts=self.num_experts, capacity=capacity,
+                                          activation=self.activation)
+        elif impl == "capacity":
+            y, kept = capacity_ffn(tokens, r.weights, r.indices, self.experts, capacity=capacity)
+        else:
+            raise ValueError(f"unknown MoE impl {impl!r}; valid: {', '.join(IMPLS)}")
         aux = {"logits": r.logits, "probs": r.probs, "weights": r.weights, "indices": r.indices, "kept": kept,
                "capacity": capacity}
         return y.reshape(lead + (y.shape[-1],)), aux
