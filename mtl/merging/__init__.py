@@ -23,9 +23,17 @@ Documented choices (details in each module):
   (``"argmax"`` and exact ``"expected"`` are options).
 - RegMean: off-diagonal shrinkage ``α = 0.9``; params without a Gram are
   averaged; dead input features take the plain average.
+- Adaptive (:mod:`mtl.merging.adaptive`): AdaMerging task-/layer-wise and
+  ++ (TIES-masked vectors), aTLAS (block-wise, random partitions); one jitted
+  step differentiates the objective w.r.t. the coefficients only, with the
+  task vectors stacked ``[K, ...]`` per tensor and passed once.
+- Twin-Merging (:mod:`mtl.merging.twin`): TA shared expert + SVD-compressed
+  exclusive vectors + a linear router, merged per input.
 - Results have the pretrained dtype (compute in >= float32); streaming and
   sharded runs give the same numbers as the in-memory, single-device ones.
 """
+from mtl.merging.adaptive import (AdaptiveMerge, adamerging, apply_from_graphdef, atlas, load_coeffs,
+                                  save_coeffs, stack_task_vectors, ties_masked_vectors)
 from mtl.merging.fisher import estimate_fisher, fisher
 from mtl.merging.registry import CORES, MERGERS, get_core, get_merger
 from mtl.merging.regmean import gram, regmean
@@ -33,6 +41,7 @@ from mtl.merging.sources import DictSource, MergeInputs, Source, as_source
 from mtl.merging.static import (average, average_models, combine, dare, dare_merge, layerwise_coeffs,
                                 task_arithmetic, ties, ties_thresholds)
 from mtl.merging.stream import merge_stream
+from mtl.merging.twin import TwinMerge, train_router
 from mtl.merging.tree import (check_compatible, flatten, path_filter, task_vector, task_vectors,
                               unflatten)
 
@@ -41,5 +50,7 @@ __all__ = [
     "average", "average_models", "task_arithmetic", "combine", "layerwise_coeffs",
     "ties", "ties_thresholds", "dare", "dare_merge", "fisher", "estimate_fisher", "regmean", "gram",
     "MERGERS", "CORES", "get_merger", "get_core",
+    "AdaptiveMerge", "adamerging", "atlas", "apply_from_graphdef", "stack_task_vectors", "ties_masked_vectors",
+    "save_coeffs", "load_coeffs", "TwinMerge", "train_router",
     "merge_stream", "Source", "DictSource", "as_source", "MergeInputs",
 ]
