@@ -22,7 +22,7 @@ import ml_collections
 from mtl.sharding import DEFAULT_RULES
 
 # config entries whose contents are free-form (passed on as keyword arguments), not checked
-FREE_FORM = ("kwargs", "encoder_kwargs", "arch_kwargs")
+FREE_FORM = ("kwargs", "encoder_kwargs", "arch_kwargs", "hparams")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -58,6 +58,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_steps": 0,
         "weight_decay": 1e-4, "momentum": 0.9, "grad_clip": 0.0,
+    })
+    # multi-task optimisation (mtl.optim aggregators inside the train step; mtl/train/aggregate.py)
+    c.optim = ml_collections.ConfigDict({
+        "aggregator": "ew",       # ew rlw uw dwa gradnorm famo mgda pcgrad cagrad imtl_g nash_mtl
+                                  # aligned_mtl upgrad dualproj (mtl.optim.AGGREGATORS)
+        "hparams": {},            # the method's hyper-parameters, e.g. {"c": 0.4} for cagrad
+        "grad_on": "params",      # per-task gradients on the shared params, or "representation"
+        "head_grads": "plain",    # heads get their own unweighted loss's gradient, or "weighted"
+        "fmtl_rho": 0.0,          # F-MTL perturbation radius (0 = off; needs grad_on=params)
+        "sparse_fraction": 0.0,   # train only this fraction of shared params (0 = all)
+        "sparse_criterion": "magnitude",  # top-k by |θ| at initialisation
+        "rep_mtl": 0.0,           # Rep-MTL regulariser weight (0 = off; needs grad_on=representation)
+        "diagnostics_every": 0,   # log task weights/cosines/conflicts/grad norms every N steps
     })
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
     # logical axis -> mesh axes (see mtl.sharding); a list of [logical_name, mesh_axis or list or None]
@@ -154,6 +167,10 @@ def _check_values(cfg) -> None:
     for k in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every"):
         if int(t[k]) <= 0:
             raise ValueError(f"train.{k} must be positive; got {t[k]}")
+    if "optim" in cfg:
+        from mtl.train.aggregate import OptimSpec
+
+        OptimSpec.from_config(cfg.optim)  # unknown aggregator: lists the valid names
 
 
 def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -71,7 +71,8 @@ def build(cfg, bundle, infos, mesh=None):
     tx = make_optimizer(steps=cfg.train.steps, **{k: v for k, v in cfg.optimizer.items()})
     mesh = mesh if mesh is not None else shd.make_mesh(dict(cfg.mesh))
     weights = list(cfg.train.loss_weights) or None
-    return Steps(factory, tasks, tx, mesh, rules=cfg.rules, loss_weights=weights, seed=cfg.seed)
+    return Steps(factory, tasks, tx, mesh, rules=cfg.rules, loss_weights=weights, seed=cfg.seed,
+                 optim=cfg.optim)
 
 
 def _prepare_workdir(workdir: str, cfg_json: dict, overwrite: bool, resume: bool) -> None:
@@ -115,6 +116,18 @@ def _truncate_metrics(path: str, step: int) -> None:
             break  # a line cut by the interruption
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def gradient_record(m: dict, task_names) -> dict:
+    """The diagnostics of one step as JSON: task weights, per-task gradient norms, pairwise
+    cosines ``{"a|b": cos}`` and the fraction of conflicting (cos < 0) pairs of present tasks."""
+    cos = np.asarray(m["cosines"])
+    pairs = {f"{a}|{b}": float(cos[i, j]) for i, a in enumerate(task_names)
+             for j, b in enumerate(task_names) if i < j}
+    return {"weights": {n: float(v) for n, v in zip(task_names, m["weights"])},
+            "grad_norms": {n: float(v) for n, v in zip(task_names, m["grad_norms"])},
+            "cosines": pairs, "conflict_fraction": float(m["conflict_fraction"]),
+            "ok": bool(m["ok"])}
 
 
 def _selection_value(val_metrics: dict) -> float:
@@ -186,9 +199,15 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
     t0, last_t, last_step = time.time(), time.time(), start
     step = start
     try:
+        diag_every = int(cfg.optim.diagnostics_every)
         for step in range(start, stop_at):
-            state, m = steps.step(state, batches[step])
             s1 = step + 1
+            diag = diag_every > 0 and s1 % diag_every == 0
+            state, m = steps.step(state, batches[step], diagnostics=diag)
+            if diag:
+                d = jax.device_get(m)
+                check_finite(state, s1)
+                write({"step": s1, "split": "diagnostics", **gradient_record(d, task_names)})
             if s1 % t.log_every == 0 or s1 == total:
                 m = jax.device_get(m)
                 check_finite(state, s1)
@@ -197,8 +216,10 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
                 last_t, last_step = now, s1
                 eta = (total - s1) / max(rate, 1e-9)
                 losses = {n: float(v) for n, v in zip(task_names, m["losses"])}
+                weights = {n: float(v) for n, v in zip(task_names, m["weights"])}
                 write({"step": s1, "split": "train", "loss": float(m["loss"]), "losses": losses,
-                       "aux_loss": float(m["aux_loss"]), "grad_norm": float(m["grad_norm"]), "steps_per_s": rate})
+                       "weights": weights, "aux_loss": float(m["aux_loss"]), "grad_norm": float(m["grad_norm"]),
+                       "steps_per_s": rate})
                 parts = " ".join(f"{n}={v:.4g}" for n, v in losses.items())
                 log(f"step {s1:>6}/{total} | loss {float(m['loss']):.4f} ({parts}) | "
                     f"{rate:,.1f} steps/s | ETA {_fmt_time(eta)}")
