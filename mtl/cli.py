@@ -4,6 +4,7 @@
     mtl eval   --workdir DIR [--which best|last|STEP] [--split val|test]
     mtl export --workdir DIR --out ARTIFACT [--which best|last|STEP] [--overwrite]
     mtl info   ARTIFACT
+    mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true")
     i = sub.add_parser("info", help="print an artifact's metadata")
     i.add_argument("artifact")
+    m = sub.add_parser("merge", help="merge fine-tuned artifacts (mtl.merging), evaluate per task, write the result")
+    m.add_argument("--config", required=True, help="configs/merge_NAME.py or configs/merge_NAME.py:arg")
+    m.add_argument("--workdir", required=True)
+    m.add_argument("--overwrite", action="store_true", help="replace earlier merge results in --workdir")
     return p
 
 
@@ -50,8 +55,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = _split_config_overrides(argv)
     args = _parser().parse_args(argv)
-    if overrides and args.cmd != "train":
-        print(f"mtl {args.cmd}: --config.* overrides only apply to `mtl train`", file=sys.stderr)
+    if overrides and args.cmd not in ("train", "merge"):
+        print(f"mtl {args.cmd}: --config.* overrides only apply to `mtl train` and `mtl merge`", file=sys.stderr)
         return 2
     from mtl import distributed
 
@@ -70,6 +75,8 @@ def main(argv=None) -> int:
 
             path = export_run(args.workdir, args.out, which=args.which, overwrite=args.overwrite)
             print(f"wrote {path}")
+        elif args.cmd == "merge":
+            _merge(args, overrides)
         elif args.cmd == "info":
             from mtl.checkpoint import read_artifact_metadata
 
@@ -82,6 +89,15 @@ def main(argv=None) -> int:
         print(f"mtl {args.cmd}: error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def _merge(args, overrides) -> None:
+    from mtl import config as config_lib
+    from mtl.merging.run import run_merge
+
+    cfg = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
+    out = run_merge(cfg, args.workdir, overwrite=args.overwrite)
+    print(json.dumps({k: out[k] for k in ("method", "avg_accuracy", "accuracy")}, indent=2))
 
 
 def _eval(args) -> None:
