@@ -89,3 +89,23 @@ def test_router_learns_to_route():
     assert acc > 0.9
     with pytest.raises(ValueError, match="router"):
         tw.TwinMerge.build(pre, tvs, TASKS).weights(features, xs[0])
+
+
+def test_sharded_fsdp_equals_unsharded():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices")
+    from mtl.merging.adaptive import fsdp_shard
+    from mtl.sharding import make_mesh
+
+    pre, fts, tvs = toy(6)
+    x = np.random.default_rng(7).normal(size=(5, 10)).astype(np.float32)
+    w = np.random.default_rng(8).dirichlet(np.ones(K), size=5).astype(np.float32)
+    ref = tw.TwinMerge.build(pre, tvs, TASKS, rank_frac=0.5).make_apply(apply_fn, features)(x, weights=w)
+    mesh = make_mesh({"fsdp": 8})
+    shard = lambda t: mm.unflatten(fsdp_shard(mm.flatten(t), mesh), like=t)  # noqa: E731
+    with jax.set_mesh(mesh):
+        twin = tw.TwinMerge.build(shard(pre), [shard(t) for t in tvs], TASKS, rank_frac=0.5)
+        assert "fsdp" in str(mm.flatten(twin.shared)["enc/w2"].sharding.spec)
+        out = twin.make_apply(apply_fn, features)(x, weights=w)
+    for t in TASKS:
+        np.testing.assert_allclose(np.asarray(out[t]), np.asarray(ref[t]), rtol=1e-4, atol=1e-5)

@@ -31,7 +31,19 @@ from mtl.merging import adaptive as ad
 from mtl.merging.config import METHODS
 from mtl.merging.tree import flatten, task_vectors, unflatten
 
-DATASETS = {"merge8": "mtl.merging.benchmark:load_tasks"}
+DATASETS = {"merge8": "mtl.merging.benchmark:load_tasks", "npz": "mtl.merging.run:load_npz_tasks"}
+
+
+def load_npz_tasks(path: str) -> dict:
+    """Per-task data from one ``.npz`` with arrays ``<task>/<split>/x`` and ``<task>/<split>/y``."""
+    out: dict = {}
+    with np.load(path) as z:
+        for key in z.files:
+            parts = key.split("/")
+            if len(parts) != 3 or parts[2] not in ("x", "y"):
+                raise ValueError(f"{path}: array {key!r} is not named <task>/<split>/x or <task>/<split>/y")
+            out.setdefault(parts[0], {}).setdefault(parts[1], {})[parts[2]] = z[key]
+    return {t: {s: (v["x"], v["y"]) for s, v in splits.items()} for t, splits in out.items()}
 
 
 def log(msg):
