@@ -1,0 +1,118 @@
+"""Step time of every aggregator relative to EW, for T tasks on a shared CNN.
+
+    python experiments/bench/aggregators.py [--tasks 2 10 40] [--steps 10] [--quick]
+                                            [--out experiments/results/mtl_optim_bench.md]
+
+For each T (40 ≈ the CelebA attribute head set on a shared CNN) and each method, the
+jitted, whole train step (forward, per-task gradients, weights, optimizer) is timed
+(minimum over ``--steps`` steps after compilation: the machine is shared), with per-task gradients on all
+shared parameters (``grad_on=params``) and on the shared representation
+(``grad_on=representation``). Printed beside the measured ratio to EW is the
+theoretical ratio of a Jacobian method, (1 forward + T backward)/(1 forward + 1 backward),
+with a backward pass costing 2 forwards: (1 + 2T)/3. "within" = measured/theory for the
+Gramian methods; the target is ≤ 1.25 (params), and representation variants far below 1.
+Loss-only methods (RLW, UW, DWA, FAMO) need no Jacobian: their ratio should be ≈ 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from mtl import sharding as shd
+from mtl.nn import heads
+from mtl.nn.build import model_factory
+from mtl.optim import AGGREGATORS, get_aggregator
+from mtl.tasks import Task
+from mtl.train.optimizer import make_optimizer
+from mtl.train.step import Steps
+
+INPUT = (16, 16, 3)
+BATCH = 32
+ENCODER = dict(widths=(8, 16, 32), groups=4)
+
+
+def time_steps(st, state, batch, n, budget_s=1.5):
+    state, m = st.step(state, batch)  # compile
+    jax.block_until_ready(m)
+    times, t_start = [], time.perf_counter()
+    while len(times) < 3 or (len(times) < n and time.perf_counter() - t_start < budget_s):
+        t0 = time.perf_counter()
+        state, m = st.step(state, batch)
+        jax.block_until_ready((state.params, m))
+        times.append(time.perf_counter() - t0)
+    return min(times)  # the machine is shared: the minimum is the least disturbed step
+
+
+def bench(t: int, method: str, grad_on: str, n: int, batch_np) -> float:
+    tasks = [Task(f"a{i}", heads.Classification(2)) for i in range(t)]
+    mcfg = ml_collections.ConfigDict({"arch": "shared", "encoder": "cnn", "encoder_kwargs": ENCODER})
+    factory = model_factory(mcfg, tasks, INPUT)
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    st = Steps(factory, tasks, make_optimizer("adamw", 1e-3, 1000), mesh,
+               optim=dict(aggregator=method, grad_on=grad_on))
+    state = st.init()
+    return time_steps(st, state, st.put_batch(batch_np), n)
+
+
+def make_batch(t, rng):
+    return {"inputs": rng.normal(size=(BATCH,) + INPUT).astype(np.float32),
+            "labels": {f"a{i}": rng.integers(0, 2, BATCH).astype(np.int32) for i in range(t)}}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
+    ap.add_argument("--steps", type=int, default=15, help="at most this many timed steps (1.5 s budget)")
+    ap.add_argument("--methods", nargs="+", default=sorted(AGGREGATORS))
+    ap.add_argument("--quick", action="store_true", help="T=2 and 10, 3 methods, 3 steps")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.tasks, a.steps, a.methods = [2, 10], 3, ["ew", "famo", "mgda"]
+    methods = [m for m in a.methods if m != "ew"]
+    rng = np.random.default_rng(0)
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); CNN {ENCODER['widths']} on "
+          f"{INPUT}, batch {BATCH}, AdamW; min of {a.steps} steps", flush=True)
+    lines = ["| T | method | needs G | ratio params | ratio repr | theory | params/theory | repr/theory |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in a.tasks:
+        batch = make_batch(t, rng)
+        ew = bench(t, "ew", "params", a.steps, batch)
+        theory = (1 + 2 * t) / 3
+        times = {}
+        for m in methods:
+            gram = "gram" in get_aggregator(m).needs
+            tp = bench(t, m, "params", a.steps, batch)
+            # loss-only methods take the same path whatever grad_on says: time them once
+            tr = bench(t, m, "representation", a.steps, batch) if gram else tp
+            times[m] = (gram, tp, tr)
+            print(f"  measured T={t} {m}", flush=True)
+        ew = min(ew, bench(t, "ew", "params", a.steps, batch))  # EW before and after, the faster
+        print(f"\nT={t}: EW step {ew * 1e3:.2f} ms; theory for a Jacobian method (1+2T)/3 = {theory:.2f}x",
+              flush=True)
+        print(f"  {'method':<12} {'G?':<3} {'params':>8} {'repr':>8} {'theory':>7} {'p/theory':>9} {'r/theory':>9}")
+        for m, (gram, tp, tr) in times.items():
+            rp, rr = tp / ew, tr / ew
+            th = theory if gram else 1.0
+            print(f"  {m:<12} {'y' if gram else 'n':<3} {rp:>7.2f}x {rr:>7.2f}x {th:>6.2f}x {rp / th:>9.2f} "
+                  f"{rr / th:>9.2f}", flush=True)
+            lines.append(f"| {t} | {m} | {'yes' if gram else 'no'} | {rp:.2f} | {rr:.2f} | {th:.2f} | "
+                         f"{rp / th:.2f} | {rr / th:.2f} |")
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write("# Aggregator step time relative to EW (this machine, one run)\n\n"
+                    f"CNN {ENCODER['widths']} on {INPUT}, batch {BATCH}, AdamW, backend "
+                    f"{jax.default_backend()}. theory = (1 forward + T backward)/(1 forward + 1 backward) "
+                    "with backward = 2 forwards, for methods that need G (1 otherwise).\n\n"
+                    + "\n".join(lines) + "\n")
+        print(f"\nwrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

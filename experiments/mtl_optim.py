@@ -1,0 +1,203 @@
+"""Sweep: every multi-task optimisation method on MultiFashion and MultiTab (ρ = 0, 0.4, 0.8).
+
+    python experiments/mtl_optim.py            # full sweep (3 seeds), ~30 min on 2 CPU cores
+    python experiments/mtl_optim.py --quick    # smoke run: 1 seed, 2 datasets, 3 methods, 60 steps
+
+For each dataset and seed, single-task baselines are trained once (EW, same config, one
+task) and reused by every method (``baselines.from_dir``). Each method is one ordinary
+``mtl.train`` run from ``configs/mtl_optim.py`` with ``optim.*`` set; its conflict rate is
+the mean, over the run's diagnostics steps (every 50 steps), of the fraction of task pairs
+whose gradients on the shared parameters have negative cosine. Finished runs are skipped,
+so an interrupted sweep resumes. Writes ``experiments/results/mtl_optim.md`` (table,
+Δm% mean ± std over seeds, definition beside it) and ``mtl_optim.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from mtl.config import load_config_file, with_defaults  # noqa: E402
+from mtl.train import DELTA_M_DEFINITION  # noqa: E402
+from mtl.train.baselines import baseline_config, run_experiment  # noqa: E402
+from mtl.train.loop import load_data, run  # noqa: E402
+
+DATASETS = ["multifashion", "multitab0", "multitab0.4", "multitab0.8"]
+# name -> optim settings (aggregator, hparams and extras); defaults are the papers'
+METHODS = {
+    "EW": dict(aggregator="ew"),
+    "RLW": dict(aggregator="rlw"),
+    "UW": dict(aggregator="uw"),
+    "DWA": dict(aggregator="dwa"),
+    "GradNorm": dict(aggregator="gradnorm"),
+    "MGDA": dict(aggregator="mgda"),
+    "PCGrad": dict(aggregator="pcgrad"),
+    "CAGrad": dict(aggregator="cagrad", hparams=dict(c=0.4)),
+    "IMTL-G": dict(aggregator="imtl_g"),
+    "Nash-MTL": dict(aggregator="nash_mtl"),
+    "Aligned-MTL": dict(aggregator="aligned_mtl"),
+    "UPGrad": dict(aggregator="upgrad"),
+    "FAMO": dict(aggregator="famo"),
+    "EW + F-MTL": dict(aggregator="ew", fmtl_rho=0.05),
+    "EW + sparse 50%": dict(aggregator="ew", sparse_fraction=0.5),
+    "MGDA (repr.)": dict(aggregator="mgda", grad_on="representation"),
+}
+LABELS = {"multifashion": "MultiFashion", "multitab0": "MultiTab ρ=0", "multitab0.4": "MultiTab ρ=0.4",
+          "multitab0.8": "MultiTab ρ=0.8"}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def make_cfg(dataset, seed, steps=None):
+    cfg = load_config_file(os.path.join(ROOT, "configs", "mtl_optim.py") + ":" + dataset)
+    cfg.seed = seed
+    cfg.data.seed = seed
+    if steps:
+        cfg.train.steps = steps
+        cfg.train.eval_every = cfg.train.log_every = cfg.train.checkpoint_every = max(steps // 2, 1)
+        cfg.optim.diagnostics_every = max(steps // 4, 1)
+    return with_defaults(cfg)
+
+
+def done(path):
+    return os.path.exists(os.path.join(path, "results.json"))
+
+
+def conflict_rate(workdir):
+    vals = []
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("split") == "diagnostics":
+                vals.append(r["conflict_fraction"])
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def sweep(root, datasets, methods, seeds, steps, quiet):
+    total = len(datasets) * len(seeds) * len(methods)
+    k, t0 = 0, time.time()
+    out = {}
+    for ds in datasets:
+        for seed in seeds:
+            base = make_cfg(ds, seed, steps)
+            bdir = os.path.join(root, ds, f"seed{seed}", "baselines")
+            _, infos, _, _ = load_data(base)
+            for info in infos:
+                d = os.path.join(bdir, info.name)
+                if not done(d):
+                    print(f"[sweep] {ds} seed {seed}: single-task baseline {info.name}", flush=True)
+                    run(baseline_config(base, info.name), d, overwrite=True)
+            for m in methods:
+                k += 1
+                wd = os.path.join(root, ds, f"seed{seed}", slug(m))
+                res_path = os.path.join(wd, "results.json")
+                res = json.load(open(res_path)) if done(wd) else None
+                if res is None or "delta_m_test" not in res:
+                    cfg = make_cfg(ds, seed, steps)
+                    for key, v in METHODS[m].items():
+                        cfg.optim[key] = v
+                    cfg.name = f"{ds}/{m}/seed{seed}"
+                    cfg.baselines.from_dir = bdir
+                    t1 = time.time()
+                    res = run_experiment(cfg, wd, overwrite=True)
+                    took = time.time() - t1
+                else:
+                    took = 0.0
+                dm, cr = res["delta_m_test"]["delta_m"], conflict_rate(wd)
+                out.setdefault(ds, {}).setdefault(m, []).append((dm, cr))
+                el = time.time() - t0
+                print(f"[sweep {k}/{total}] {ds} seed {seed} {m:<16} Δm {dm:+7.2f}%  conflict {cr:.2f}  "
+                      f"({'cached' if not took else f'{took:.0f}s'}; elapsed {el / 60:.1f} min)", flush=True)
+    return out
+
+
+def write_outputs(out, datasets, methods, seeds, results_dir, tag):
+    os.makedirs(results_dir, exist_ok=True)
+    lines = [f"# Multi-task optimisation methods ({len(seeds)} seed{'s' if len(seeds) > 1 else ''})", "",
+             DELTA_M_DEFINITION + " Test split, model selected on validation (carved from train). "
+             "Cells: Δm% mean ± std over seeds / conflict rate = mean fraction of task pairs with "
+             "cos(g_s, g_t) < 0 on the shared parameters (representation for 'repr.'), "
+             "sampled every 50 steps during training.", "",
+             "| method | " + " | ".join(LABELS[d] for d in datasets) + " |",
+             "|---|" + "---|" * len(datasets)]
+    for m in methods:
+        cells = []
+        for d in datasets:
+            v = np.array(out[d][m])
+            cells.append(f"{v[:, 0].mean():+.2f} ± {v[:, 0].std():.2f} / {np.nanmean(v[:, 1]):.2f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    md = os.path.join(results_dir, f"mtl_optim{tag}.md")
+    with open(md, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 0.32 * len(methods) + 1.5),
+                             sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, d in zip(axes, datasets):
+        mean = [np.mean([x[0] for x in out[d][m]]) for m in methods]
+        std = [np.std([x[0] for x in out[d][m]]) for m in methods]
+        y = np.arange(len(methods))
+        ax.barh(y, mean, xerr=std, color=["C0" if v >= 0 else "C3" for v in mean])
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(y, methods)
+        ax.invert_yaxis()
+        ax.set_title(LABELS[d])
+        ax.set_xlabel("Δm% (test)")
+    fig.tight_layout()
+    png = os.path.join(results_dir, f"mtl_optim{tag}.png")
+    fig.savefig(png, dpi=110)
+    print(f"wrote {md} and {png}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default=os.path.join(ROOT, "runs", "mtl_optim"))
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS,
+                    help="run only these (e.g. to split the sweep over processes)")
+    ap.add_argument("--report", action="store_true", help="only write the table/plot from finished runs")
+    a = ap.parse_args(argv)
+    if a.quick:
+        datasets, methods, seeds, steps, tag = ["multitab0.4", "multifashion"], ["EW", "MGDA", "FAMO"], [0], 60, "_quick"
+        root = a.root + "_quick"
+    else:
+        datasets, methods, seeds, steps, tag, root = DATASETS, list(METHODS), list(range(a.seeds)), None, "", a.root
+    if a.report:
+        out = collect(root, datasets, methods, seeds)
+    else:
+        out = sweep(root, [d for d in datasets if d in a.datasets], methods, seeds, steps, quiet=True)
+        if set(a.datasets) != set(datasets):
+            return
+    write_outputs(out, datasets, methods, seeds, a.results, tag)
+
+
+def collect(root, datasets, methods, seeds):
+    out = {}
+    for d in datasets:
+        for m in methods:
+            for seed in seeds:
+                wd = os.path.join(root, d, f"seed{seed}", slug(m))
+                if not done(wd):
+                    raise FileNotFoundError(f"{wd} has not finished; run the sweep first")
+                res = json.load(open(os.path.join(wd, "results.json")))
+                out.setdefault(d, {}).setdefault(m, []).append((res["delta_m_test"]["delta_m"], conflict_rate(wd)))
+    return out
+
+
+if __name__ == "__main__":
+    main()
