@@ -32,8 +32,9 @@ def loss_and_grad(gd, st, x, task_id, impl):
         return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(st, x)
 
 
-@pytest.mark.parametrize("router,cf", [("multi_gate", None), ("multi_gate", 0.6), ("single", 1.0),
-                                       ("task_conditioned", 0.8)])
+@pytest.mark.parametrize("router,cf", [("multi_gate", None), ("multi_gate", 0.6),
+                                       pytest.param("single", 1.0, marks=pytest.mark.slow),
+                                       pytest.param("task_conditioned", 0.8, marks=pytest.mark.slow)])
 def test_shard_map_and_capacity_equal_dense(router, cf):
     gd, st = build(router, cf)
     x = np.random.default_rng(1).normal(size=(4, 8, 6)).astype(np.float32)

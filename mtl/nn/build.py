@@ -50,9 +50,30 @@ def moe_factory(name: str) -> Callable:
     return make_factory
 
 
+def vision_moe_factory(name: str) -> Callable:
+    """Token-routed MoE vision models that own their backbone (``m3vit``, ``taskexpert``):
+    ``model.arch_kwargs`` are the model's options (``model.encoder`` is not used)."""
+
+    def make_factory(model_cfg, tasks, input_shape):
+        from mtl.nn import moe
+
+        cls = {"m3vit": moe.M3ViT, "taskexpert": moe.TaskExpertViT}[name]
+        arch_kwargs = dict(model_cfg.get("arch_kwargs", {}) or {})
+        shape = tuple(input_shape) + ((1,) if len(input_shape) == 2 else ())
+
+        def make(rngs: nnx.Rngs):
+            return cls(shape, tasks, rngs=rngs, **arch_kwargs)
+
+        return make
+
+    return make_factory
+
+
 ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory}
 for _name in ("one_gate_moe", "mmoe", "cgc", "ple", "home"):
     ARCHITECTURES[_name] = moe_factory(_name)
+for _name in ("m3vit", "taskexpert"):
+    ARCHITECTURES[_name] = vision_moe_factory(_name)
 
 
 def model_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:

@@ -14,6 +14,7 @@ The caller adds the residual: ``x + moe(x)[0]`` carries dropped tokens.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtl.nn.moe.experts import MLPExperts
@@ -41,7 +42,7 @@ class SparseMoE(nnx.Module):
     def __init__(self, dim: int, hidden: int, num_experts: int, k: int = 2, *,
                  capacity_factor: float | None = 1.25, router: str = "single", num_tasks: int | None = None,
                  task_features: int | None = None, noisy: bool = False, renormalize: bool = False,
-                 activation="gelu", impl: str = "dense", rngs: nnx.Rngs):
+                 activation="gelu", impl: str = "dense", kept_experts=None, rngs: nnx.Rngs):
         check_top_k(k, num_experts)
         if impl not in IMPLS:
             raise ValueError(f"unknown MoE impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -58,7 +59,19 @@ class SparseMoE(nnx.Module):
             self.router = MultiGateRouter(dim, num_experts, num_tasks, noisy=noisy, rngs=rngs)
         else:
             self.router = TaskConditionedRouter(dim, num_experts, num_tasks, task_features, noisy=noisy, rngs=rngs)
-        self.experts = MLPExperts(num_experts, dim, hidden, dim, activation=activation, rngs=rngs)
+        # pruned layer (single-task inference): the router still scores all num_experts (same
+        # softmax, same capacity), but only kept_experts have parameters; assignments to the
+        # others are dropped
+        self.kept_experts = None if kept_experts is None else tuple(int(e) for e in kept_experts)
+        if self.kept_experts is not None:
+            bad = [e for e in self.kept_experts if not 0 <= e < num_experts]
+            if bad or not self.kept_experts or len(set(self.kept_experts)) != len(self.kept_experts):
+                raise ValueError(f"kept_experts must be distinct expert ids in [0, {num_experts}); "
+                                 f"got {list(self.kept_experts)}")
+            if impl == "shard_map":
+                raise ValueError("a pruned SparseMoE (kept_experts) runs with impl 'dense' or 'capacity'")
+        n_local = num_experts if self.kept_experts is None else len(self.kept_experts)
+        self.experts = MLPExperts(n_local, dim, hidden, dim, activation=activation, rngs=rngs)
 
     def logits(self, tokens, task_id=None, *, key=None):
         if self.router_kind == "single":
@@ -81,15 +94,24 @@ class SparseMoE(nnx.Module):
         r = route(self.logits(tokens, task_id, key=key), self.k, renormalize=self.renormalize)
         capacity = expert_capacity(tokens.shape[0], self.num_experts, self.k, self.capacity_factor)
         impl = impl or self.impl
+        weights, indices, valid, n_local = r.weights, r.indices, None, self.num_experts
+        if self.kept_experts is not None:
+            n_local = len(self.kept_experts)
+            table = np.full(self.num_experts, n_local, np.int32)
+            table[list(self.kept_experts)] = np.arange(n_local)
+            indices = jnp.asarray(table)[indices]           # pruned experts -> n_local (one-hot of zeros)
+            valid = indices < n_local
+            weights = jnp.where(valid, weights, 0.0)
         if impl == "dense":
-            dispatch_mask, combine_w, kept = dispatch_and_combine(r.weights, r.indices, self.num_experts, capacity)
+            dispatch_mask, combine_w, kept = dispatch_and_combine(weights, indices, n_local, capacity)
             y = combine(self.experts.per_expert(dispatch(tokens, dispatch_mask)), combine_w)
+            kept = kept if valid is None else kept & valid
         elif impl == "shard_map":
-            y, kept = expert_parallel_ffn(tokens, r.weights, r.indices, self.expert_params(),
+            y, kept = expert_parallel_ffn(tokens, weights, indices, self.expert_params(),
                                           num_experts=self.num_experts, capacity=capacity,
                                           activation=self.activation)
         elif impl == "capacity":
-            y, kept = capacity_ffn(tokens, r.weights, r.indices, self.experts, capacity=capacity)
+            y, kept = capacity_ffn(tokens, weights, indices, self.experts, capacity=capacity, valid=valid)
         else:
             raise ValueError(f"unknown MoE impl {impl!r}; valid: {', '.join(IMPLS)}")
         aux = {"logits": r.logits, "probs": r.probs, "weights": r.weights, "indices": r.indices, "kept": kept,

@@ -168,13 +168,16 @@ def expert_parallel_ffn(x, weights, indices, params: dict, *, num_experts: int, 
     return fn(x, weights, indices, params)
 
 
-def capacity_ffn(x, weights, indices, experts, *, capacity: int):
+def capacity_ffn(x, weights, indices, experts, *, capacity: int, valid=None):
     """Scatter tokens into ``[E, capacity, d]`` buffers (same slots and drops as the
-    reference), run ``experts.per_expert`` and gather back: ``(y [N, d], kept [N, k])``."""
+    reference), run ``experts.per_expert`` and gather back: ``(y [N, d], kept [N, k])``.
+
+    ``valid [N, k]`` (optional): assignments marked False (an index of ``E``: an expert
+    pruned away) take no slot and contribute nothing."""
     n, k = indices.shape
     e = experts.num_experts
-    slots = assignment_slots(indices, e)
-    kept = slots < capacity
+    slots = assignment_slots(indices, e)       # an index of E one-hots to zeros: takes no slot
+    kept = slots < capacity if valid is None else (slots < capacity) & valid
     flat = jnp.where(kept, indices * capacity + slots, e * capacity).reshape(-1)
     token = jnp.repeat(jnp.arange(n), k)
     buf = jnp.zeros((e * capacity, x.shape[-1]), x.dtype).at[flat].set(x[token], mode="drop")
