@@ -203,10 +203,37 @@ def main(argv=None):
             json.dump({"method": "joint", "accuracy": acc, "avg_accuracy": float(np.mean(list(acc.values())))}, f)
     with open(jres) as f:
         rows["joint multi-task"] = json.load(f)
-    write_results(rows, q, hidden, n_train, n_test, (pre_steps, probe_steps, ft_steps, joint_steps, ada_steps))
+    sweep = ta_sweep(wd, data, apply_fn, pre)
+    write_results(rows, q, hidden, n_train, n_test, (pre_steps, probe_steps, ft_steps, joint_steps, ada_steps),
+                  sweep)
 
 
-def write_results(rows, quick, hidden, n_train, n_test, steps):
+def ta_sweep(wd, data, apply_fn, like):
+    """Task arithmetic over lam: average test accuracy and mean prediction entropy (AdaMerging's objective)."""
+    from mtl.merging import task_arithmetic, task_vectors
+    from mtl.merging.adaptive import entropy
+
+    path = os.path.join(wd, "merge", "ta_sweep.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    log("6. task-arithmetic lam sweep: accuracy and entropy")
+    pre = load(os.path.join(wd, "pretrained.mtl"), like)
+    fts = [load(os.path.join(wd, f"ft_{t}.mtl"), like) for t in B.TASKS]
+    tvs = task_vectors(fts, pre, exclude=["heads/*"])
+    f = jax.jit(apply_fn)
+    out = []
+    for lam in (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
+        merged = task_arithmetic(pre, tvs, lam=lam)
+        acc = evaluate(apply_fn, merged, data, list(B.TASKS))
+        ent = float(np.mean([float(entropy(f(merged, data[t]["test"][0][:500])[t])) for t in B.TASKS]))
+        out.append({"lam": lam, "avg_accuracy": float(np.mean(list(acc.values()))), "entropy": ent})
+    with open(path, "w") as fh:
+        json.dump(out, fh)
+    return out
+
+
+def write_results(rows, quick, hidden, n_train, n_test, steps, sweep=()):
     os.makedirs(RESULTS, exist_ok=True)
     stem = "merging_quick" if quick else "merging"
     order = ["pretrained", "individual", "joint multi-task", "average", "task_arithmetic", "ties", "dare_ta",
@@ -225,6 +252,12 @@ def write_results(rows, quick, hidden, n_train, n_test, steps):
         acc = rows[n]["accuracy"]
         lines.append(f"| {n} | **{100 * np.mean([acc[t] for t in tasks]):.1f}** | "
                      + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + " |")
+    if sweep:
+        lines += ["", "Task arithmetic over lam (sum of the 8 task vectors times lam): average accuracy and the mean "
+                  "prediction entropy on test inputs that AdaMerging minimises.", "",
+                  "| lam | " + " | ".join(f"{r['lam']:g}" for r in sweep) + " |", "|---|" + "---|" * len(sweep),
+                  "| avg accuracy (%) | " + " | ".join(f"{100 * r['avg_accuracy']:.1f}" for r in sweep) + " |",
+                  "| mean entropy (nats) | " + " | ".join(f"{r['entropy']:.3f}" for r in sweep) + " |"]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(RESULTS, stem + ".md"), "w") as f:
         f.write(md)

@@ -4,6 +4,10 @@
     merged = get_merger("ties", k=20)(θ0, tvs)          # or MERGERS["ties"](θ0, tvs, k=20)
     flat = merge_stream("ties", θ0_source, [θ_k sources], exclude=["heads/*"], k=20)
 
+From the command line: ``mtl merge --config configs/merge_NAME.py --workdir DIR``
+(:mod:`mtl.merging.run`, schema in :mod:`mtl.merging.config`; the eight-task
+offline benchmark data is :mod:`mtl.merging.benchmark`).
+
 Documented choices (details in each module):
 
 - Exclusions: excluded task-vector entries are ``None``; every merge copies

@@ -232,7 +232,9 @@ class AdaptiveMerge:
         self.task_names = list(self.task_names)
         self.num_tasks = len(self.task_names)
         _check_stacked(self.stacked, self.num_tasks)
-        self.theta0 = flatten(self.pretrained)
+        # device arrays once (host numpy arguments would be copied in on every step); sharded arrays stay as they are
+        self.stacked = {p: jnp.asarray(v) for p, v in self.stacked.items()}
+        self.theta0 = {p: jnp.asarray(v) for p, v in flatten(self.pretrained).items()}
         missing = [p for p in self.stacked if p not in self.theta0]
         if missing:
             raise ValueError(f"task vector path {missing[0]!r} is not in the pretrained parameters")
