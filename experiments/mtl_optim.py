@@ -87,8 +87,8 @@ def sweep(root, datasets, methods, seeds, steps, quiet):
     total = len(datasets) * len(seeds) * len(methods)
     k, t0 = 0, time.time()
     out = {}
-    for ds in datasets:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: an early stop leaves whole seeds finished
+        for ds in datasets:
             base = make_cfg(ds, seed, steps)
             bdir = os.path.join(root, ds, f"seed{seed}", "baselines")
             _, infos, _, _ = load_data(base)
@@ -171,12 +171,13 @@ def main(argv=None):
     ap.add_argument("--datasets", nargs="+", default=DATASETS, choices=DATASETS,
                     help="run only these (e.g. to split the sweep over processes)")
     ap.add_argument("--report", action="store_true", help="only write the table/plot from finished runs")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     a = ap.parse_args(argv)
     if a.quick:
         datasets, methods, seeds, steps, tag = ["multitab0.4", "multifashion"], ["EW", "MGDA", "FAMO"], [0], 60, "_quick"
         root = a.root + "_quick"
     else:
-        datasets, methods, seeds, steps, tag, root = DATASETS, list(METHODS), list(range(a.seeds)), None, "", a.root
+        datasets, methods, seeds, steps, tag, root = DATASETS, a.methods, list(range(a.seeds)), None, "", a.root
     if a.report:
         out = collect(root, datasets, methods, seeds)
     else:

@@ -317,3 +317,37 @@ def test_nan_with_a_jacobian_method_names_task(tmp_path, monkeypatch):
     cfg.data.name, cfg.data.kwargs = "nan2", {}
     with pytest.raises(NonFiniteLossError, match=r"task 'bad' became NaN/inf at step 1;"):
         run(cfg, str(tmp_path / "run"))
+
+
+def test_rep_mtl_penalty_matches_numpy_and_enters_the_update():
+    from mtl.train.aggregate import rep_mtl_penalty
+    rng = np.random.default_rng(6)
+    sal = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    present = np.array([True, True, False])
+    # numpy re-derivation of the documented normalisation (present tasks 0 and 1 only)
+    a = np.abs(sal)
+    a = a / (a.mean(axis=(1, 2), keepdims=True) + 1e-8)
+    a = a * present[:, None, None]
+    p = a / (a.sum(0, keepdims=True) + 1e-8)
+    neg_ent = np.mean(np.sum(p * np.log(p + 1e-8), axis=0))
+    v = sal / np.sqrt(np.sum(sal ** 2, axis=-1, keepdims=True) + 1e-16)
+    logits = v[0] @ v[1].T / 0.1
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    expected = neg_ent - np.mean(np.diag(logp))
+    np.testing.assert_allclose(float(rep_mtl_penalty(jnp.asarray(sal), jnp.asarray(present))), expected,
+                               rtol=1e-4)
+    assert float(rep_mtl_penalty(jnp.asarray(sal), jnp.asarray([True, False, False]))) == 0.0
+    # in the step: the encoder update changes, the heads' do not
+    b = make_batch(rng, 16)
+    outs = []
+    for lam in (0.0, 1.0):
+        steps = Steps(factory, TASKS, sgd1(), one_device(),
+                      optim=dict(aggregator="ew", grad_on="representation", rep_mtl=lam))
+        state = steps.init()
+        p0 = jax.device_get(state.params)
+        state, m = steps.step(state, steps.put_batch(b))
+        assert bool(m["ok"])
+        p1 = jax.device_get(state.params)
+        outs.append((flat_delta(p0, p1, "encoder"), flat_delta(p0, p1, "heads")))
+    assert np.abs(outs[0][0] - outs[1][0]).max() > 1e-6
+    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)

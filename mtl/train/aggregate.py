@@ -198,7 +198,7 @@ def rep_mtl_penalty(sal, present, eps=1e-8):
     p = a / (jnp.sum(a, axis=0, keepdims=True) + eps)
     neg_ent = jnp.mean(jnp.sum(p * jnp.log(p + eps), axis=0))
     v = sal.reshape(t, b, -1)
-    v = v / (jnp.linalg.norm(v, axis=-1, keepdims=True) + eps)
+    v = v * jax.lax.rsqrt(jnp.sum(v * v, axis=-1, keepdims=True) + eps ** 2)  # NaN-free at 0
     total, pairs = 0.0, 0.0
     for i in range(t):
         for j in range(i + 1, t):
@@ -231,6 +231,11 @@ class TaskGradients:
     def needs_gram(self) -> bool:
         return "gram" in self.agg.needs
 
+    @property
+    def always_jacobian(self) -> bool:
+        """Every step computes per-task gradients (and so returns diagnostics)."""
+        return self.needs_gram or self.spec.fmtl_rho > 0 or self.spec.rep_mtl > 0
+
     def init_state(self):
         t = len(self.tasks)
         main = self.agg.init(t)
@@ -251,8 +256,7 @@ class TaskGradients:
                  sparse_mask=None):
         """(grads, losses, aux_loss, new_rest, w, new_agg_state, extras)."""
         present = present_mask(self.tasks, batch)
-        jac = self.needs_gram or self.spec.fmtl_rho > 0 or diagnostics or self.spec.rep_mtl > 0
-        if not jac:
+        if not (self.always_jacobian or diagnostics):
             return self._loss_only(params, rest, batch, agg_state, key, step, present)
         if self.spec.grad_on == "representation":
             return self._representation(params, rest, batch, agg_state, key, step, present, sparse_mask)

@@ -222,7 +222,9 @@ class Steps:
         ``conflict_fraction`` and ``grad_norms`` (T,) of the per-task gradients (on the
         shared parameters or representation, per ``optim.grad_on``)."""
         with self.activate():
-            return (self.train_step_diag if diagnostics else self.train_step)(state, batch)
+            # methods on the Jacobian path already return the diagnostics: no second compile
+            diag = diagnostics and not self.grads.always_jacobian
+            return (self.train_step_diag if diag else self.train_step)(state, batch)
 
     def evaluate(self, state: TrainState, batches) -> dict:
         """``{task: {metric: value}}`` (incl. ``loss``) over all ``batches`` (masked rows ignored)."""
