@@ -1,9 +1,10 @@
-"""Step time of every aggregator relative to EW, for T tasks on a shared CNN.
+"""Step time of every aggregator relative to EW, for T tasks on a shared encoder.
 
     python experiments/bench/aggregators.py [--tasks 2 10 40] [--steps 10] [--quick]
                                             [--out experiments/results/mtl_optim_bench.md]
 
-For each T (40 ≈ the CelebA attribute head set on a shared CNN) and each method, the
+For each T (40 ≈ the CelebA attribute head set; ``--encoder cnn`` for a shared CNN, the
+default MLP 784-256-256 compiles much faster on this shared CPU) and each method, the
 jitted, whole train step (forward, per-task gradients, weights, optimizer) is timed
 (minimum over ``--steps`` steps after compilation: the machine is shared), with per-task gradients on all
 shared parameters (``grad_on=params``) and on the shared representation
@@ -31,9 +32,13 @@ from mtl.tasks import Task
 from mtl.train.optimizer import make_optimizer
 from mtl.train.step import Steps
 
-INPUT = (16, 16, 3)
-BATCH = 32
-ENCODER = dict(widths=(8, 16, 32), groups=4)
+# name -> (input shape, batch, encoder kwargs). The CNN (the CelebA-like setting) compiles
+# slowly on a shared 2-core CPU; the MLP is the default here, --encoder cnn for the CNN.
+ENCODERS = {
+    "mlp": ((28, 28, 1), 256, dict(hidden=(256, 256))),
+    "cnn": ((16, 16, 3), 32, dict(widths=(8, 16, 32), groups=4)),
+}
+INPUT, BATCH, ENCODER, ENCODER_NAME = None, None, None, None
 
 
 def time_steps(st, state, batch, n, budget_s=1.5):
@@ -50,7 +55,7 @@ def time_steps(st, state, batch, n, budget_s=1.5):
 
 def bench(t: int, method: str, grad_on: str, n: int, batch_np) -> float:
     tasks = [Task(f"a{i}", heads.Classification(2)) for i in range(t)]
-    mcfg = ml_collections.ConfigDict({"arch": "shared", "encoder": "cnn", "encoder_kwargs": ENCODER})
+    mcfg = ml_collections.ConfigDict({"arch": "shared", "encoder": ENCODER_NAME, "encoder_kwargs": ENCODER})
     factory = model_factory(mcfg, tasks, INPUT)
     mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
     st = Steps(factory, tasks, make_optimizer("adamw", 1e-3, 1000), mesh,
@@ -71,12 +76,16 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=sorted(AGGREGATORS))
     ap.add_argument("--quick", action="store_true", help="T=2 and 10, 3 methods, 3 steps")
     ap.add_argument("--out", default="")
+    ap.add_argument("--encoder", default="mlp", choices=sorted(ENCODERS))
     a = ap.parse_args(argv)
+    global INPUT, BATCH, ENCODER, ENCODER_NAME
+    INPUT, BATCH, ENCODER = ENCODERS[a.encoder]
+    ENCODER_NAME = a.encoder
     if a.quick:
         a.tasks, a.steps, a.methods = [2, 10], 3, ["ew", "famo", "mgda"]
     methods = [m for m in a.methods if m != "ew"]
     rng = np.random.default_rng(0)
-    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); CNN {ENCODER['widths']} on "
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); {ENCODER_NAME} {ENCODER} on "
           f"{INPUT}, batch {BATCH}, AdamW; min of {a.steps} steps", flush=True)
     lines = ["| T | method | needs G | ratio params | ratio repr | theory | params/theory | repr/theory |",
              "|---|---|---|---|---|---|---|---|"]
@@ -107,7 +116,7 @@ def main(argv=None):
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             f.write("# Aggregator step time relative to EW (this machine, one run)\n\n"
-                    f"CNN {ENCODER['widths']} on {INPUT}, batch {BATCH}, AdamW, backend "
+                    f"{ENCODER_NAME} {ENCODER} on {INPUT}, batch {BATCH}, AdamW, backend "
                     f"{jax.default_backend()}. theory = (1 forward + T backward)/(1 forward + 1 backward) "
                     "with backward = 2 forwards, for methods that need G (1 otherwise).\n\n"
                     + "\n".join(lines) + "\n")
