@@ -280,6 +280,9 @@ def main(argv=None):
                   f" K x largest tensor {r['k_tensors_mb']:.0f} MiB)", flush=True)
     out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "results",
                        "merging_bench" + ("_quick" if args.quick else "") + ".json")
+    if args.skip_ada and os.path.exists(out):  # keep an earlier AdaMerging measurement
+        with open(out) as f:
+            results += [r for r in json.load(f) if r.get("method") == "adamerging_layer_step"]
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {os.path.abspath(out)}")
