@@ -6,8 +6,8 @@ jitted step, the update gradient for one aggregator from ``mtl.optim``:
 * **Loss-only methods** (EW, RLW, UW, DWA, FAMO): one forward and one backward of
   ``Σ_t w_t L_t``; w is computed inside the forward from the (stop-gradient) losses.
   EW with nothing else configured takes the trainer's original path untouched.
-* ``grad_on="params"``: the Jacobian J of the loss vector over *all* parameters by
-  ``jax.jacrev`` (1 forward + T vmapped backward passes); G = J_s J_sᵀ over the
+* ``grad_on="params"``: the Jacobian J of the loss vector over *all* parameters (1
+  forward + T backward passes, :func:`per_task_pullbacks`); G = J_s J_sᵀ over the
   *shared* parameters J_s (every parameter outside ``heads``); the shared update is
   wᵀJ_s, read off the Jacobian that is already there (no extra backward).
 * ``grad_on="representation"`` (the cheap variant): one forward of the encoder to the
@@ -211,6 +211,24 @@ def rep_mtl_penalty(sal, present, eps=1e-8):
     return jnp.where(enough, neg_ent + align, 0.0)
 
 
+def per_task_pullbacks(vec, *args, unroll_up_to: int = 16):
+    """Rows of the Jacobian of ``vec(*args) -> (out [R], aux)`` w.r.t. each of ``args``.
+
+    One forward (``jax.vjp``), then one ordinary backward pass per row: unrolled for up to
+    ``unroll_up_to`` rows, else ``lax.map``. Measured on CPU this is ~1.7x faster than
+    ``jax.jacrev`` (whose vmapped pullback turns every weight gradient into a batched
+    matmul). Returns (*jacobians with leading axis R, aux)."""
+    out, pullback, aux = jax.vjp(vec, *args, has_aux=True)
+    r = out.shape[0]
+    eye = jnp.eye(r, dtype=out.dtype)
+    if r <= unroll_up_to:
+        rows = [pullback(eye[i]) for i in range(r)]
+        jacs = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+    else:
+        jacs = jax.lax.map(pullback, eye)
+    return (*jacs, aux)
+
+
 # ------------------------------------------------------------------ the machinery
 class TaskGradients:
     """Update gradients for ``spec`` given pure loss functions of a model (see module doc).
@@ -312,7 +330,7 @@ class TaskGradients:
             out = jnp.concatenate([losses, aux[None]]) if self.has_aux else losses
             return out, (losses, aux, new_rest)
 
-        (js, jh), (losses, aux, new_rest) = jax.jacrev(vec, argnums=(0, 1), has_aux=True)(shared, heads)
+        js, jh, (losses, aux, new_rest) = per_task_pullbacks(vec, shared, heads)
         if self.has_aux:
             aux_s = jax.tree.map(lambda a: a[t], js)
             aux_h = jax.tree.map(lambda a: a[t], jh)
