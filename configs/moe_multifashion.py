@@ -34,7 +34,7 @@ def get_config(arg=None):
         c.model.arch_kwargs = dict(VIT, num_experts=4, expert_hidden=64)
     else:
         raise ValueError(f"configs/moe_multifashion.py: unknown arch {arch!r}; use dense, m3vit or taskexpert")
-    c.train.steps = 1200
+    c.train.steps = 800
     c.train.batch_size = 64
     c.train.log_every = 100
     c.train.eval_every = 400

@@ -130,7 +130,7 @@ def multifashion(args, out):
     from mtl.artifact import restore_run
     from mtl.flops import compiled_flops
     from mtl.nn.moe import extract_task_model, used_experts
-    steps = 150 if args.quick else 1200
+    steps = 150 if args.quick else 800
     res, wds = {}, {}
     for arch in ("dense", "m3vit", "taskexpert"):
         cfg = load_cfg("moe_multifashion.py", arch)
@@ -158,7 +158,7 @@ def multifashion(args, out):
     xs = x[: (len(x) // bs) * bs]
     val_x = bundle.train[np.arange(512)]["inputs"]   # expert usage is measured on 512 training inputs
     # --- single-task extraction: equality and accuracy
-    ext_lines = ["| model | task | test acc | max |Δlogit| vs full model | experts kept per MoE block |",
+    ext_lines = ["| model | task | test acc | max abs Δlogit vs full model | experts kept per MoE block |",
                  "|---|---|---:|---:|---|"]
     full = batched(jitted(m3), xs, bs)
     flops_rows = []
@@ -218,7 +218,7 @@ def multifashion(args, out):
     dg += ["", "Share of each expert's gate mass that belongs to task `left` (the rest is `right`):", "",
            "| MoE block | experts 0..7 |", "|---|---|"] + share_rows
     text = "\n".join(lines) + "\n\nSingle-task extraction (test set, batches of 64):\n\n" + "\n".join(ext_lines) + \
-        "\n\nCompiled FLOPs of inference:\n\n" + "\n".join(fl) + "\n\nM³ViT routing diagnostics (256 test images):\n\n" + \
+        "\n\nCompiled FLOPs of inference:\n\n" + "\n".join(fl) + "\n\nM³ViT routing diagnostics (256 training images):\n\n" + \
         "\n".join(dg)
     return text, {"results": {a: res[a]["test"] for a in res}, "flops": dict(flops_rows)}
 
@@ -254,7 +254,7 @@ def balance(args, out):
     from mtl.tasks import Task
     from mtl.train import Steps, make_optimizer
     cache = os.path.join(args.workdir, f"balance{'_quick' if args.quick else ''}.json")
-    steps_n = 150 if args.quick else 800
+    steps_n = 150 if args.quick else 500
     n = 1000 if args.quick else 4500
     x, y, d = domain_mixture(n)
     n_val = len(x) // 5
