@@ -26,6 +26,8 @@ def baseline_config(cfg: ml_collections.ConfigDict, task: str) -> ml_collections
     sub.name = f"{cfg.name or 'run'}/stl-{task}"
     if len(sub.train.loss_weights):
         sub.train.loss_weights = ()
+    # one task: nothing to aggregate, so the plain single-backward step (EW) is the baseline
+    sub.optim = config_lib.base_config().optim
     return sub
 
 

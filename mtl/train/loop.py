@@ -140,10 +140,11 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
     cfg = config_lib.with_defaults(cfg)
     cfg_json = config_lib.to_json(cfg)
     workdir = os.path.abspath(workdir)
-    _prepare_workdir(workdir, cfg_json, overwrite, resume)
     t = cfg.train
+    # data and model first: a config that cannot build fails before anything is written
     bundle, infos, train_src, val_src = load_data(cfg)
     steps = build(cfg, bundle, infos, mesh)
+    _prepare_workdir(workdir, cfg_json, overwrite, resume)
     task_names = [i.name for i in infos]
     log(f"[mtl] {cfg.name or 'run'}: {bundle.name}, tasks {task_names}, {len(train_src)} train / "
         f"{len(val_src)} val / {len(bundle.test)} test, mesh {dict(steps.mesh.shape)}, workdir {workdir}")
