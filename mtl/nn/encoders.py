@@ -81,6 +81,13 @@ class CNN(nnx.Module):
         return x.mean(axis=(1, 2))
 
 
+def patchify(x, patch: int):
+    """``[B, H, W, C]`` -> ``[B, (H/p)(W/p), p*p*C]`` non-overlapping patches in row-major order."""
+    b, h, w, c = x.shape
+    p = patch
+    return x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
+
+
 class ViT(nnx.Module):
     """Vision transformer: patch embedding, learned positions, a class token, pre-norm
     blocks, final norm; ``pool='cls'`` or ``'mean'`` gives [B, dim], ``pool=None`` the tokens."""
@@ -104,11 +111,9 @@ class ViT(nnx.Module):
         self.out_features = dim
 
     def tokens(self, x):
-        b, h, w, c = x.shape
-        p = self.patch
-        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
-        x = self.embed(x)
-        cls = jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1]))
+        """Patch embeddings with the class token first, plus learned positions."""
+        x = self.embed(patchify(x, self.patch))
+        cls = jnp.broadcast_to(self.cls[...], (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1) + self.pos[...][None]
         return constrain(x, ("batch", "length", "embed"))
 

@@ -8,26 +8,37 @@ from flax import nnx
 from mtl.tasks import Task, TaskSet
 
 
-class MultiTaskModel(nnx.Module):
+def build_heads(tasks: Sequence[Task], in_features: int, rngs: nnx.Rngs) -> nnx.Dict:
+    """One head module per task, keyed by task name, on features of size ``in_features``."""
+    return nnx.Dict({t.name: t.head.build(in_features, rngs=rngs) for t in tasks})
+
+
+class TaskHeads:
+    """Mixin for models with one head per task: they store ``task_specs`` (a plain tuple —
+    a tuple subclass confuses nnx's graph traversal under ``nnx.jit``) and get ``tasks``
+    and ``task_names``."""
+
+    task_specs: tuple
+
+    @property
+    def tasks(self) -> TaskSet:
+        return TaskSet(self.task_specs)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.task_specs]
+
+
+class MultiTaskModel(TaskHeads, nnx.Module):
     """``model(x) -> {task: prediction}``; ``model.features(x)`` is the shared representation.
 
     Heads sit on the encoder's output features: pooled ``[B, D]`` or per-token ``[B, L, D]``.
     """
 
     def __init__(self, encoder: nnx.Module, tasks: Sequence[Task], *, rngs: nnx.Rngs):
-        # a plain tuple attribute (a tuple subclass confuses nnx's graph traversal under nnx.jit)
-        self._tasks = tuple(TaskSet(tasks))
+        self.task_specs = tuple(TaskSet(tasks))
         self.encoder = encoder
-        d = encoder.out_features
-        self.heads = nnx.Dict({t.name: t.head.build(d, rngs=rngs) for t in self._tasks})
-
-    @property
-    def tasks(self) -> TaskSet:
-        return TaskSet(self._tasks)
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.tasks.names
+        self.heads = build_heads(self.task_specs, encoder.out_features, rngs)
 
     def features(self, x):
         return self.encoder(x)

@@ -8,10 +8,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtl.nn.moe.architectures import build_architecture
+from mtl.nn.multitask import TaskHeads, build_heads
 from mtl.tasks import Task, TaskSet
 
 
-class MoEMultiTaskModel(nnx.Module):
+class MoEMultiTaskModel(TaskHeads, nnx.Module):
     """``architecture``: an instance from ``mtl.nn.moe.architectures`` (or any module with
     ``task_names``, ``out_features`` and ``__call__(x) -> ({task: features}, aux)``).
     ``encoder`` (optional) maps raw inputs to ``[B, D]`` first; without one, inputs are
@@ -33,15 +34,7 @@ class MoEMultiTaskModel(nnx.Module):
         self.encoder = encoder
         self.architecture = architecture
         d = architecture.out_features
-        self.heads = nnx.Dict({t.name: t.head.build(d, rngs=rngs) for t in self.tasks})
-
-    @property
-    def tasks(self) -> TaskSet:
-        return TaskSet(self.task_specs)
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.tasks.names
+        self.heads = build_heads(self.task_specs, d, rngs)
 
     def _inputs(self, x):
         if self.encoder is not None:

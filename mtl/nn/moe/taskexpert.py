@@ -26,6 +26,7 @@ from flax import nnx
 from mtl.nn.layers import TransformerBlock, dense, layer_norm
 from mtl.nn.moe.experts import MLPExperts, stacked_param
 from mtl.sharding import constrain
+from mtl.nn.multitask import TaskHeads, build_heads
 from mtl.tasks import Task, TaskSet
 
 _gate_init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
@@ -51,7 +52,7 @@ class TaskExpertLayer(nnx.Module):
         return new, g
 
 
-class TaskExpertViT(nnx.Module):
+class TaskExpertViT(TaskHeads, nnx.Module):
     def __init__(self, input_shape: Sequence[int], tasks: Sequence[Task], *, patch: int = 4, dim: int = 64,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, num_experts: int = 4,
                  expert_hidden: int | None = None, expert_layers: Sequence[int] | None = None, rngs: nnx.Rngs):
@@ -73,16 +74,8 @@ class TaskExpertViT(nnx.Module):
         hidden = int(expert_hidden or dim)
         self.experts = nnx.List([TaskExpertLayer(dim, len(self.task_specs), num_experts, hidden, rngs=rngs)
                                  for _ in layers])
-        self.heads = nnx.Dict({t.name: t.head.build(dim, rngs=rngs) for t in self.task_specs})
+        self.heads = build_heads(self.task_specs, dim, rngs)
         self.out_features = dim
-
-    @property
-    def tasks(self) -> TaskSet:
-        return TaskSet(self.task_specs)
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.tasks.names
 
     def forward_with_aux(self, x):
         if x.ndim == 3:

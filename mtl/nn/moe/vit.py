@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtl.nn.encoders import ViT
 from mtl.nn.layers import Attention, MLPBlock, dense, layer_norm
 from mtl.nn.moe.layer import SparseMoE
 from mtl.nn.moe.losses import load_balancing_loss, micro_batch_load_balancing_loss, router_z_loss
 from mtl.sharding import constrain
+from mtl.nn.multitask import TaskHeads, build_heads
 from mtl.tasks import Task, TaskSet
 
 
@@ -56,7 +58,7 @@ class MoEBlock(nnx.Module):
         return constrain(x + y, ("batch", "length", "embed")), aux
 
 
-class M3ViT(nnx.Module):
+class M3ViT(TaskHeads, nnx.Module):
     def __init__(self, input_shape: Sequence[int], tasks: Sequence[Task], *, patch: int = 4, dim: int = 64,
                  depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, moe_every: int = 2,
                  num_experts: int = 8, k: int = 2, expert_hidden: int | None = None, router: str = "multi_gate",
@@ -104,23 +106,9 @@ class M3ViT(nnx.Module):
         self.blocks = nnx.List(blocks)
         self.norm = layer_norm(dim, rngs=rngs)
         self.out_features = dim
-        self.heads = nnx.Dict({t.name: t.head.build(dim, rngs=rngs) for t in self.task_specs})
+        self.heads = build_heads(self.task_specs, dim, rngs)
 
-    @property
-    def tasks(self) -> TaskSet:
-        return TaskSet(self.task_specs)
-
-    @property
-    def task_names(self) -> list[str]:
-        return self.tasks.names
-
-    def tokens(self, x):
-        b, h, w, c = x.shape
-        p = self.patch
-        x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, p * p * c)
-        x = self.embed(x)
-        cls = jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1]))
-        return constrain(jnp.concatenate([cls, x], axis=1) + self.pos[...][None], ("batch", "length", "embed"))
+    tokens = ViT.tokens  # same patch embedding, class token and positions as the dense ViT
 
     def _lbl(self, a, batch: int):
         probs, idx = a["probs"], a["indices"]
