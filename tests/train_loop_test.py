@@ -18,30 +18,7 @@ from mtl.data.base import ArraySource, DataBundle, TaskInfo
 from mtl.train.baselines import run_experiment
 from mtl.train.loop import NonFiniteLossError, WorkdirConflictError, build, load_data, run
 from mtl.config import with_defaults
-
-
-def tiny_config(steps=40, **train):
-    c = base_config()
-    c.data.name = "multitab"
-    c.data.kwargs = dict(num_tasks=2, n_train=300, n_test=100, dim=8, correlation=0.5, seed=0)
-    c.model.encoder_kwargs = dict(hidden=(16,))
-    c.train.steps = steps
-    c.train.batch_size = 32
-    c.train.eval_batch_size = 64
-    c.train.log_every = 5
-    c.train.eval_every = 10
-    c.train.checkpoint_every = 10
-    for k, v in train.items():
-        c.train[k] = v
-    return c
-
-
-def read_metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        recs = [json.loads(l) for l in f]
-    for r in recs:
-        r.pop("steps_per_s", None)
-    return recs
+from tiny_runs import read_metrics, tiny_config
 
 
 def final_params(workdir, cfg):

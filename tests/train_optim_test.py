@@ -18,6 +18,7 @@ from mtl.nn.multitask import MultiTaskModel
 from mtl.tasks import Task
 from mtl.train.optimizer import make_optimizer
 from mtl.train.step import Steps
+from tiny_runs import read_metrics, tiny_config as _tiny_config
 
 TASKS = [Task("cls", heads.Classification(4)), Task("reg", heads.Regression(2))]
 
@@ -240,35 +241,14 @@ def test_unknown_aggregator_lists_valid_names():
 
 # ------------------------------------------------------------------ through the loop
 def tiny_config(steps=30, **optim):
-    from mtl.config import base_config
-    c = base_config()
-    c.data.name = "multitab"
-    c.data.kwargs = dict(num_tasks=3, n_train=300, n_test=100, dim=8, correlation=0.0, seed=0)
-    c.model.encoder_kwargs = dict(hidden=(16,))
-    c.train.steps = steps
-    c.train.batch_size = 32
-    c.train.eval_batch_size = 64
-    c.train.log_every = 5
-    c.train.eval_every = 10
-    c.train.checkpoint_every = 10
-    for k, v in optim.items():
-        c.optim[k] = v
-    return c
-
-
-def read(wd):
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-        recs = [json.loads(l) for l in f]
-    for r in recs:
-        r.pop("steps_per_s", None)
-    return recs
+    return _tiny_config(steps=steps, num_tasks=3, correlation=0.0, optim=optim)
 
 
 def test_diagnostics_are_logged(tmp_path):
     from mtl.train.loop import run
     wd = str(tmp_path / "run")
     run(tiny_config(steps=10, aggregator="dwa", diagnostics_every=4), wd)
-    diag = [r for r in read(wd) if r["split"] == "diagnostics"]
+    diag = [r for r in read_metrics(wd) if r["split"] == "diagnostics"]
     assert [r["step"] for r in diag] == [4, 8]
     for r in diag:
         cos = np.array(list(r["cosines"].values()))
@@ -276,7 +256,7 @@ def test_diagnostics_are_logged(tmp_path):
         assert r["conflict_fraction"] == pytest.approx(np.mean(cos < 0))
         assert all(v > 0 for v in r["grad_norms"].values())
         assert sum(r["weights"].values()) == pytest.approx(3.0, rel=1e-5)  # DWA: Σ w = T
-    train = [r for r in read(wd) if r["split"] == "train"]
+    train = [r for r in read_metrics(wd) if r["split"] == "train"]
     assert set(train[0]["weights"]) == {"t0", "t1", "t2"}
 
 
@@ -292,7 +272,7 @@ def test_resume_with_stateful_aggregator_is_exact(tmp_path, aggregator):
     run(cfg, part)
     ra, rb = (json.load(open(os.path.join(d, "results.json"))) for d in (full, part))
     assert ra["test"] == rb["test"] and ra["val"] == rb["val"]
-    ma, mb = read(full), read(part)
+    ma, mb = read_metrics(full), read_metrics(part)
     assert ma == mb
     w = [r["weights"] for r in ma if r["split"] == "train"]
     assert w[0] != w[-1]  # the state really evolves (so restoring it matters)
