@@ -8,20 +8,13 @@ from flax import nnx
 from mtl.nn.heads import Classification, Regression
 from mtl.nn.moe import ARCHITECTURES, MMoE, MoEMultiTaskModel, build_architecture, build_moe_model
 from mtl.tasks import Task
+from random_models import build
 
 TASKS = [Task("a", Regression(1)), Task("b", Classification(3)), Task("c", Regression(2))]
 NAMES = [t.name for t in TASKS]
 D = 5
 
 
-def build(fn, seed=0):
-    """Build abstractly (no per-shape init compiles), then fill every parameter with random
-    numpy values: the numpy references read the parameters, whatever they are."""
-    with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(fn))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda s: jnp.asarray((rng.normal(size=s.shape) * 0.5).astype(s.dtype)), state)
-    return nnx.merge(graphdef, state)
 
 
 def x_batch(b=4, seed=0):

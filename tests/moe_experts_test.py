@@ -6,14 +6,9 @@ import pytest
 from flax import nnx
 
 from mtl.nn.moe.experts import LNSExperts, MLPExperts, build_experts
+from random_models import build
 
 
-def build(fn, seed=0):
-    with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(fn))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda s: jnp.asarray((rng.normal(size=s.shape) * 0.5).astype(s.dtype)), state)
-    return nnx.merge(graphdef, state)
 
 
 def np_expert(ex, e, x):

@@ -9,15 +9,9 @@ from flax import nnx
 
 from mtl.nn.moe import routing as R
 from mtl.nn.moe.layer import SparseMoE
+from random_models import build
 
 
-def build(fn, seed=0):
-    """Build abstractly, then fill the parameters with random numpy values (no init compiles)."""
-    with nnx.use_eager_sharding(False):
-        graphdef, state = nnx.split(nnx.eval_shape(fn))
-    rng = np.random.default_rng(seed)
-    state = jax.tree.map(lambda s: jnp.asarray((rng.normal(size=s.shape) * 0.5).astype(s.dtype)), state)
-    return nnx.merge(graphdef, state)
 
 
 def np_softmax(z):
