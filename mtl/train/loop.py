@@ -181,7 +181,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
         s = state if params_state is None else params_state
         return steps.evaluate(s, eval_batches(src, t.eval_batch_size, steps.batch_sharding))
 
-    def check_finite(st, at_step):
+    def check_finite(st):
         count = int(jax.device_get(st.nonfinite_count))
         if count and t.on_nonfinite == "raise":
             bad_step, bad_task = (int(v) for v in jax.device_get(st.first_nonfinite))
@@ -205,13 +205,16 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
             s1 = step + 1
             diag = diag_every > 0 and s1 % diag_every == 0
             state, m = steps.step(state, batches[step], diagnostics=diag)
+            is_log = s1 % t.log_every == 0 or s1 == total
+            is_eval = s1 % t.eval_every == 0 or s1 == total
+            is_ckpt = s1 % t.checkpoint_every == 0 or s1 == total
+            if diag or is_log or is_eval or is_ckpt:
+                check_finite(state)  # before anything is logged, evaluated or saved
             if diag:
                 d = jax.device_get(m)
-                check_finite(state, s1)
                 write({"step": s1, "split": "diagnostics", **gradient_record(d, task_names)})
-            if s1 % t.log_every == 0 or s1 == total:
+            if is_log:
                 m = jax.device_get(m)
-                check_finite(state, s1)
                 now = time.time()
                 rate = (s1 - last_step) / max(now - last_t, 1e-9)
                 last_t, last_step = now, s1
@@ -224,8 +227,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
                 parts = " ".join(f"{n}={v:.4g}" for n, v in losses.items())
                 log(f"step {s1:>6}/{total} | loss {float(m['loss']):.4f} ({parts}) | "
                     f"{rate:,.1f} steps/s | ETA {_fmt_time(eta)}")
-            if s1 % t.eval_every == 0 or s1 == total:
-                check_finite(state, s1)
+            if is_eval:
                 val = evaluate(val_src)
                 value = _selection_value(val)
                 improved = meta["best_value"] is None or value < meta["best_value"]
@@ -237,8 +239,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
                     if s1 in best_store.steps():
                         best_store.delete(s1)
                     best_store.save(s1, state.params)
-            if s1 % t.checkpoint_every == 0 or s1 == total:
-                check_finite(state, s1)
+            if is_ckpt:
                 store.wait()
                 best_store.wait()
                 if committed_best is not None:
