@@ -65,10 +65,11 @@ def base_config() -> ml_collections.ConfigDict:
                                   # aligned_mtl upgrad dualproj (mtl.optim.AGGREGATORS)
         "hparams": {},            # the method's hyper-parameters, e.g. {"c": 0.4} for cagrad
         "grad_on": "params",      # per-task gradients on the shared params, or "representation"
+        "jacobian": "keep",       # "stream": build G without keeping J (params; 1 more backward)
         "head_grads": "plain",    # heads get their own unweighted loss's gradient, or "weighted"
         "fmtl_rho": 0.0,          # F-MTL perturbation radius (0 = off; needs grad_on=params)
         "sparse_fraction": 0.0,   # train only this fraction of shared params (0 = all)
-        "sparse_criterion": "magnitude",  # top-k by |θ| at initialisation
+        "sparse_criterion": "magnitude",  # top-k by |θ| at init, or "saliency": |θ ⊙ ∇Σ L_t| on step 0
         "rep_mtl": 0.0,           # Rep-MTL regulariser weight (0 = off; needs grad_on=representation)
         "diagnostics_every": 0,   # log task weights/cosines/conflicts/grad norms every N steps
     })
