@@ -89,11 +89,15 @@ def flat_delta(p0, p1, part):
                            for a, b in zip(jax.tree.leaves(p0[part]), jax.tree.leaves(p1[part]))])
 
 
-@pytest.mark.parametrize("grad_on", ["params", "representation"])
-def test_mgda_step_matches_per_task_reference(grad_on):
+@pytest.mark.parametrize("grad_on,head_grads,jacobian", [("params", "plain", "keep"),
+                                                          ("representation", "plain", "keep"),
+                                                          ("representation", "weighted", "keep"),
+                                                          ("params", "weighted", "stream")])
+def test_mgda_step_matches_per_task_reference(grad_on, head_grads, jacobian):
     rng = np.random.default_rng(0)
     b = make_batch(rng, 16)
-    steps = Steps(factory, TASKS, sgd1(), one_device(), optim=dict(aggregator="mgda", grad_on=grad_on))
+    steps = Steps(factory, TASKS, sgd1(), one_device(),
+                  optim=dict(aggregator="mgda", grad_on=grad_on, head_grads=head_grads, jacobian=jacobian))
     state = steps.init()
     enc, hd, gz, enc_grad = reference_grads(steps, state, b)
     p0 = jax.device_get(state.params)
@@ -102,12 +106,14 @@ def test_mgda_step_matches_per_task_reference(grad_on):
     gv = enc if grad_on == "params" else gz
     w = mgda2(*gv)
     np.testing.assert_allclose(np.asarray(m["weights"]), w, rtol=2e-3, atol=2e-4)
-    # shared update = -(w1 g1 + w2 g2); heads get their own unweighted gradient
+    # shared update = -(w1 g1 + w2 g2); heads get their own unweighted gradient ("plain")
+    # or w_t times it ("weighted")
     np.testing.assert_allclose(flat_delta(p0, p1, "encoder"), -enc_grad(w), rtol=2e-3, atol=1e-5)
+    hw = w if head_grads == "weighted" else np.ones(2)
     for t, name in enumerate(["cls", "reg"]):
         for a, c, g in zip(jax.tree.leaves(p0["heads"][name]), jax.tree.leaves(p1["heads"][name]),
                            jax.tree.leaves(hd[t][name])):
-            np.testing.assert_allclose(np.asarray(c) - np.asarray(a), -g, rtol=1e-4, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(c) - np.asarray(a), -hw[t] * g, rtol=2e-3, atol=1e-6)
     # diagnostics from the same per-task gradients
     cos = np.dot(gv[0], gv[1]) / np.linalg.norm(gv[0]) / np.linalg.norm(gv[1])
     np.testing.assert_allclose(float(m["cosines"][0, 1]), cos, rtol=1e-4, atol=1e-5)
@@ -200,7 +206,9 @@ def test_sparse_training_updates_only_the_mask():
     assert np.any(flat_delta(p0, p1, "heads") != 0)
 
 
-def test_sharded_jacobian_step_equals_single_device():
+@pytest.mark.parametrize("grad_on,jacobian", [("params", "keep"), ("representation", "keep"),
+                                              ("params", "stream")])
+def test_sharded_jacobian_step_equals_single_device(grad_on, jacobian):
     rng = np.random.default_rng(5)
     batches = [make_batch(rng, 32) for _ in range(3)]
 
@@ -210,7 +218,7 @@ def test_sharded_jacobian_step_equals_single_device():
     def run_on(axes, devices):
         mesh = shd.make_mesh(axes, devices)
         steps = Steps(fac, TASKS, make_optimizer("sgd", 0.05, 10, schedule="constant"), mesh,
-                      optim=dict(aggregator="mgda", grad_on="params"))
+                      optim=dict(aggregator="mgda", grad_on=grad_on, jacobian=jacobian))
         state = steps.init()
         ws = []
         for b in batches:
@@ -331,3 +339,30 @@ def test_rep_mtl_penalty_matches_numpy_and_enters_the_update():
         outs.append((flat_delta(p0, p1, "encoder"), flat_delta(p0, p1, "heads")))
     assert np.abs(outs[0][0] - outs[1][0]).max() > 1e-6
     np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("aggregator", ["pcgrad", "upgrad"])
+def test_streamed_gramian_gives_the_kept_jacobian_update(aggregator):
+    """optim.jacobian="stream" (G reduced block by block, update from one more backward
+    pass) trains exactly like "keep" (update read off the stored J), with partial labels,
+    a sparse mask and weighted heads."""
+    rng = np.random.default_rng(7)
+    batches = [make_batch(rng, 16) for _ in range(3)]
+    runs = []
+    for jac in ("keep", "stream"):
+        steps = Steps(factory, TASKS, make_optimizer("sgd", 0.1, 10, schedule="constant"), one_device(),
+                      optim=dict(aggregator=aggregator, jacobian=jac, sparse_fraction=0.5, head_grads="weighted"))
+        state = steps.init()
+        ws = []
+        for b in batches:
+            state, m = steps.step(state, steps.put_batch(b))
+            ws.append(np.asarray(m["weights"]))
+        runs.append((jax.device_get(state.params), np.stack(ws)))
+    np.testing.assert_allclose(runs[1][1], runs[0][1], rtol=1e-5, atol=1e-6)
+    for a, c in zip(jax.tree.leaves(runs[0][0]), jax.tree.leaves(runs[1][0])):
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_stream_with_fmtl_is_rejected():
+    with pytest.raises(ValueError, match="stream"):
+        Steps(factory, TASKS, sgd1(), one_device(), optim=dict(aggregator="mgda", jacobian="stream", fmtl_rho=0.05))

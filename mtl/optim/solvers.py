@@ -59,16 +59,21 @@ def min_norm_simplex(gram, mask, iters: int = 250):
     return jax.lax.fori_loop(0, iters, body, uniform(mask))
 
 
-def simplex_minimize(f, w0, mask, iters: int = 200, n_trials: int = 30):
+def simplex_minimize(f, w0, mask, iters: int = 200, n_trials: int = 12, tol: float = 1e-7,
+                     rtol: float = 1e-6):
     """Minimise a convex f over the (masked) simplex: projected gradient with a
     backtracking step (the first of η·2^(2−j), j < n_trials, that satisfies the
     sufficient-decrease condition f(w⁺) ≤ f(w) + ∇fᵀ(w⁺−w) + ‖w⁺−w‖²/(2η)),
-    all trials evaluated at once so the loop has a fixed shape."""
+    all trials evaluated at once so each iteration has a fixed shape; η carries over
+    between iterations (so it can also grow by 4× per iteration). Stops after ``iters``
+    iterations, or once an accepted step moves w by less than ``tol`` (max-norm) or lowers
+    f by at most ``rtol``·|f| (in float32 a flat optimum is otherwise chased in rounding
+    noise until ``iters``)."""
     grad_f = jax.grad(f)
     scales = 2.0 ** (2.0 - jnp.arange(n_trials, dtype=w0.dtype))
 
-    def body(_, carry):
-        w, eta = carry
+    def body(carry):
+        i, w, eta, _ = carry
         g = grad_f(w) * mask
         fw = f(w)
         etas = eta * scales
@@ -81,9 +86,18 @@ def simplex_minimize(f, w0, mask, iters: int = 200, n_trials: int = 30):
         any_ok = jnp.any(ok)
         w_new = jnp.where(any_ok, cands[j], w)
         eta_new = jnp.where(any_ok, etas[j], eta * scales[-1])
-        return w_new, eta_new
+        moved = jnp.max(jnp.abs(w_new - w))
+        stalled = (fw - fc[j]) <= rtol * jnp.abs(fw)
+        done = any_ok & ((moved <= tol) | stalled)
+        # no acceptable step: keep going with the smaller η (not converged)
+        return i + 1, w_new, eta_new, done
 
-    w, _ = jax.lax.fori_loop(0, iters, body, (w0, jnp.asarray(1.0, w0.dtype)))
+    def cond(carry):
+        i, _, _, done = carry
+        return (i < iters) & ~done
+
+    init = (jnp.zeros((), jnp.int32), w0, jnp.asarray(1.0, w0.dtype), jnp.asarray(False))
+    _, w, _, _ = jax.lax.while_loop(cond, body, init)
     return w
 
 

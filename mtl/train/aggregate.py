@@ -54,6 +54,7 @@ from mtl.optim.diagnostics import gradient_stats
 from mtl.tasks import losses_from_outputs
 
 GRAD_ON = ("params", "representation")
+JACOBIAN = ("keep", "stream")
 HEAD_GRADS = ("plain", "weighted")
 SPARSE_CRITERIA = ("magnitude",)
 
@@ -63,6 +64,7 @@ class OptimSpec:
     aggregator: str = "ew"
     hparams: tuple = ()
     grad_on: str = "params"
+    jacobian: str = "keep"
     head_grads: str = "plain"
     fmtl_rho: float = 0.0
     sparse_fraction: float = 0.0
@@ -91,6 +93,11 @@ class OptimSpec:
         self.make_aggregator()  # unknown name / hyper-parameter: the registry's error
         if self.grad_on not in GRAD_ON:
             raise ValueError(f"optim.grad_on must be one of {GRAD_ON}; got {self.grad_on!r}")
+        if self.jacobian not in JACOBIAN:
+            raise ValueError(f"optim.jacobian must be one of {JACOBIAN}; got {self.jacobian!r}")
+        if self.jacobian == "stream" and self.fmtl_rho > 0:
+            raise ValueError("optim.jacobian='stream' does not keep the per-task gradients that F-MTL "
+                             "(optim.fmtl_rho > 0) perturbs along; use optim.jacobian='keep'")
         if self.head_grads not in HEAD_GRADS:
             raise ValueError(f"optim.head_grads must be one of {HEAD_GRADS}; got {self.head_grads!r}")
         if self.sparse_criterion not in SPARSE_CRITERIA:
@@ -330,6 +337,8 @@ class TaskGradients:
             out = jnp.concatenate([losses, aux[None]]) if self.has_aux else losses
             return out, (losses, aux, new_rest)
 
+        if self.spec.jacobian == "stream":
+            return self._params_stream(vec, shared, heads, keys, agg_state, key, step, present, sparse_mask)
         js, jh, (losses, aux, new_rest) = per_task_pullbacks(vec, shared, heads)
         if self.has_aux:
             aux_s = jax.tree.map(lambda a: a[t], js)
@@ -360,6 +369,37 @@ class TaskGradients:
             g_heads = jax.tree.map(jnp.add, g_heads, aux_h)
         return join(g_shared, g_heads, keys), losses, aux, new_rest, w, new_state, extras
 
+    def _params_stream(self, vec, shared, heads, keys, agg_state, key, step, present, sparse_mask):
+        """``optim.jacobian="stream"``: G without keeping J over the shared parameters.
+
+        The T backward passes run batched (``vmap`` of the pullback), and every shared
+        parameter's Jacobian block (T × its size) is reduced to its T × T contribution to G
+        as soon as the backward pass produces it and is then dead: peak memory holds one
+        block at a time, not J (T × all shared parameters). The update is then one more
+        backward pass, the gradient of Σ_t w_t L_t (+ the auxiliary loss). Cost: 1 forward
+        + T + 1 backward, against 1 + T for ``"keep"``. The heads' Jacobian (each row only
+        non-zero on its own head) is small and kept."""
+        t = len(self.tasks)
+        out, pullback, (losses, aux, new_rest) = jax.vjp(vec, shared, heads, has_aux=True)
+        r = out.shape[0]
+        eye = jnp.eye(r, dtype=out.dtype)
+        js, jh = jax.vmap(pullback)(eye[:t])
+        if sparse_mask is not None:
+            js = jax.tree.map(lambda a, m: a * m.astype(a.dtype), js, sparse_mask)
+        gram = gramian(js)
+        w, new_state, extras = self._finish(agg_state, losses, gram, key, step, present, gram)
+        ws = jnp.where(jnp.isfinite(w), w, 0.0)
+        cot = jnp.concatenate([ws, jnp.ones((r - t,), ws.dtype)]).astype(out.dtype)
+        g_shared, _ = pullback(cot)
+        if sparse_mask is not None:
+            g_shared = jax.tree.map(lambda a, m: a * m.astype(a.dtype), g_shared, sparse_mask)
+        hw = ws if self.spec.head_grads == "weighted" else present.astype(ws.dtype)
+        g_heads = aggregate(hw, jh)
+        if self.has_aux:
+            (_, aux_h) = pullback(eye[t])
+            g_heads = jax.tree.map(jnp.add, g_heads, aux_h)
+        return join(g_shared, g_heads, keys), losses, aux, new_rest, w, new_state, extras
+
     def _flat(self, shared, heads, keys, rest, batch, js, sparse_mask):
         """h_t = ∇_θ L_t(θ + ε_t) − g_t on the shared parameters (F-MTL)."""
         t = len(self.tasks)
@@ -378,6 +418,35 @@ class TaskGradients:
             h = jax.tree.map(lambda a, m: a * m.astype(a.dtype), h, sparse_mask)
         return h
 
+    def _head_z_grads(self, shared, heads, keys, rest1, batch, zs):
+        """All per-task gradients ∂L_t/∂Z in ONE backward pass through the heads.
+
+        ``zs`` is Z broadcast to (T, ...); head t reads only ``zs[t]``, so the gradient of
+        Σ_t L_t w.r.t. ``zs`` has ∂L_t/∂Z in row t, and w.r.t. the heads each head's own
+        gradient (every head only sees its own loss). Cost: one forward and one backward of
+        every head, instead of T backward passes through all heads.
+        Returns (losses, jz [T, ...], head grads (plain), new_rest)."""
+        def total(h, zz):
+            model = nnx.merge(self.graphdef, join(shared, h, keys), rest1)
+            outs = {t.name: model.heads[t.name](zz[i]) for i, t in enumerate(self.tasks)}
+            losses = losses_from_outputs(self.tasks, outs, batch)
+            return jnp.sum(losses), (losses, nnx.split(model, nnx.Param, ...)[2])
+
+        (_, (losses, new_rest)), (gh, jz) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(heads, zs)
+        return losses, jz, gh, new_rest
+
+    def _scale_heads(self, gh, scale):
+        """Multiply head ``t``'s gradient (``heads/<task name>/...``) by ``scale[t]``."""
+        index = {t.name: i for i, t in enumerate(self.tasks)}
+
+        def f(path, g):
+            name = getattr(path[1], "key", getattr(path[1], "name", None)) if len(path) > 1 else None
+            if name not in index:
+                raise ValueError(f"head gradient at {jax.tree_util.keystr(path)} does not belong to a task")
+            return g * scale[index[name]].astype(g.dtype)
+
+        return jax.tree_util.tree_map_with_path(f, gh)
+
     def _representation(self, params, rest, batch, agg_state, key, step, present, sparse_mask):
         shared, heads, keys = split_shared(params)
 
@@ -387,13 +456,8 @@ class TaskGradients:
             return z, nnx.split(model, nnx.Param, ...)[2]
 
         z, enc_vjp, rest1 = jax.vjp(encode, shared, has_aux=True)
-
-        def head_vec(h, zz):
-            model = nnx.merge(self.graphdef, join(shared, h, keys), rest1)
-            losses = self._head_losses(model, zz, batch)
-            return losses, (losses, nnx.split(model, nnx.Param, ...)[2])
-
-        (jh, jz), (losses, new_rest) = jax.jacrev(head_vec, argnums=(0, 1), has_aux=True)(heads, z)
+        zs = jnp.broadcast_to(z, (len(self.tasks),) + z.shape)
+        losses, jz, gh, new_rest = self._head_z_grads(shared, heads, keys, rest1, batch, zs)
         gram = gramian(jz)
         w, new_state, extras = self._finish(agg_state, losses, gram, key, step, present, gram)
         ws = jnp.where(jnp.isfinite(w), w, 0.0)
@@ -403,8 +467,9 @@ class TaskGradients:
         (g_shared,) = enc_vjp(dz)
         if sparse_mask is not None:
             g_shared = jax.tree.map(lambda a, m: a * m.astype(a.dtype), g_shared, sparse_mask)
-        hw = ws if self.spec.head_grads == "weighted" else present.astype(ws.dtype)
-        g_heads = aggregate(hw, jh)
+        # the plain gradient already gives each head its own loss's gradient (an absent task's
+        # masked loss is 0); weighted heads scale head t by w_t
+        g_heads = self._scale_heads(gh, ws) if self.spec.head_grads == "weighted" else gh
         aux = jnp.zeros((), jnp.float32)
         return join(g_shared, g_heads, keys), losses, aux, new_rest, w, new_state, extras
 
@@ -414,12 +479,11 @@ class TaskGradients:
         The regulariser shapes the representation (it flows into the encoder); the heads
         are not regularised (our simplification)."""
         b = z.shape[0]
+        t = len(self.tasks)
 
         def penalty(zz):
-            def lv(z2):
-                model = nnx.merge(self.graphdef, join(shared, heads, keys), rest1)
-                return self._head_losses(model, z2, batch) * b
-            sal = jax.jacrev(lv)(zz)
-            return rep_mtl_penalty(sal, present)
+            zs = jnp.broadcast_to(zz, (t,) + zz.shape)
+            _, jz, _, _ = self._head_z_grads(shared, heads, keys, rest1, batch, zs)
+            return rep_mtl_penalty(b * jz, present)
 
         return jax.grad(penalty)(z)
