@@ -10,10 +10,17 @@ jitted step, the update gradient for one aggregator from ``mtl.optim``:
   forward + T backward passes, :func:`per_task_pullbacks`); G = J_s J_sᵀ over the
   *shared* parameters J_s (every parameter outside ``heads``); the shared update is
   wᵀJ_s, read off the Jacobian that is already there (no extra backward).
+  ``optim.jacobian="stream"`` builds G without keeping J (each parameter's Jacobian block
+  is reduced to its T × T share of G as the batched backward pass produces it) and takes
+  the shared update from one more backward pass, of ``Σ_t w_t L_t``: 1 forward + T + 1
+  backward, for when J (T × shared parameters) does not fit.
 * ``grad_on="representation"`` (the cheap variant): one forward of the encoder to the
-  shared representation Z (kept with its VJP), T backward passes through the heads
-  only for ∂L_t/∂Z, G from those, then one backward of ``Σ_t w_t ∂L_t/∂Z`` through the
-  encoder. Needs a model with ``features`` / ``heads_from_features`` (``arch="shared"``).
+  shared representation Z (kept with its VJP); Z is broadcast to T copies, head t reads
+  copy t, so ONE backward pass of ``Σ_t L_t`` through the heads gives every ∂L_t/∂Z (row
+  t) and every head's own gradient; G from those, then one backward of
+  ``Σ_t w_t ∂L_t/∂Z`` through the encoder: about the cost of one ordinary step, for any
+  T. Needs a model with ``features`` / ``heads_from_features`` / ``heads``
+  (``arch="shared"``).
 
 Heads (``optim.head_grads``): ``"plain"`` (default; LibMTL's choice) gives each head the
 gradient of its own unweighted loss, so the weights act only on the shared parameters;
