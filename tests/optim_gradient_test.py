@@ -77,6 +77,64 @@ def test_mgda_two_task_closed_form():
         np.testing.assert_allclose(_weights("mgda", jac), [1.0, 0.0], atol=1e-12)
 
 
+def test_mgda_l2_normalisation_hand_worked():
+    # orthogonal g1 = (1, 0), g2 = (0, 3). Plain MGDA: w ∝ 1/‖g‖² = (9/10, 1/10), so
+    # d = (0.9, 0.3): the larger gradient's task gets 9x less weight. With 'l2' the
+    # min-norm point of the unit vectors is s = (½, ½), applied to them: w = s/‖g‖ =
+    # (½, 1/6) and d = (½, ½), the same contribution from each task.
+    with jax.enable_x64(True):
+        jac = np.array([[1.0, 0.0], [0.0, 3.0]])
+        np.testing.assert_allclose(_weights("mgda", jac), [0.9, 0.1], atol=1e-12)
+        w = _weights("mgda", jac, hp={"normalize": "l2"})
+        np.testing.assert_allclose(w, [0.5, 1 / 6], atol=1e-12)
+        np.testing.assert_allclose(w @ jac, [0.5, 0.5], atol=1e-12)
+        # three orthogonal tasks: the Frank–Wolfe path gives the same rule
+        jac3 = np.diag([1.0, 2.0, 4.0])
+        np.testing.assert_allclose(_weights("mgda", jac3), np.array([16, 4, 1]) / 21, atol=1e-6)
+        np.testing.assert_allclose(_weights("mgda", jac3, hp={"normalize": "l2"}),
+                                   np.array([1, 1 / 2, 1 / 4]) / 3, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ["l2", "loss", "loss+"])
+@pytest.mark.parametrize("seed,t,p", [(4, 2, 5), (5, 4, 7)])
+def test_mgda_normalised_matches_numpy(normalize, seed, t, p):
+    # numpy re-derivation (LibMTL's mgda_gn): divide each gradient by n_t, take the
+    # min-norm point s of the normalised gradients, the update is Σ s_t g_t/n_t
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(seed)
+        jac = rng.normal(size=(t, p)) * rng.uniform(0.1, 10.0, size=(t, 1))
+        losses = rng.uniform(0.01, 5.0, size=t)
+        norms = np.linalg.norm(jac, axis=1)
+        n = {"l2": norms, "loss": losses, "loss+": losses * norms}[normalize]
+        jn = jac / n[:, None]
+        gn = jn @ jn.T
+        s = _simplex_min(lambda v: v @ gn @ v, t)
+        w = _weights("mgda", jac, losses=jnp.asarray(losses), hp={"normalize": normalize})
+        np.testing.assert_allclose(w, s / n, atol=1e-5)
+        np.testing.assert_allclose(w @ jac, s @ jn, atol=1e-5)
+        d = w @ jac  # a common descent direction: no task's gradient conflicts with it
+        assert (jac @ d >= -1e-9).all()
+
+
+def test_mgda_normalize_validation():
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        mo.mgda(normalize="L2")
+    assert mo.mgda(normalize="l2").needs == frozenset({"gram"})
+    agg = mo.get_aggregator("mgda", normalize="loss+")
+    assert agg.needs == frozenset({"gram", "losses"})
+    with pytest.raises(ValueError, match="needs the per-task losses"):
+        agg.weights(agg.init(2), gram=jnp.eye(2))
+    # a zero gradient: zero normalised gradient, min-norm point 0, zero update (as unnormalised)
+    jac = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 0.0], [0.0, 1.0, 1.0]])
+    w = _weights("mgda", jac, hp={"normalize": "l2"})
+    assert np.isfinite(w).all()
+    np.testing.assert_allclose(w @ jac, 0.0, atol=1e-6)
+    # absent tasks get weight 0 and are left out
+    w = _weights("mgda", np.diag([1.0, 2.0, 4.0]), present=jnp.array([True, False, True]),
+                 hp={"normalize": "l2"})
+    np.testing.assert_allclose(w, [0.5, 0.0, 0.125], atol=1e-6)
+
+
 def _pcgrad_numpy(jac, order):
     out = np.zeros(jac.shape[1])
     for t in range(jac.shape[0]):

@@ -188,6 +188,22 @@ def famo(lr: float = 0.025, gamma: float = 0.01, min_losses=0.0, eps: float = 1e
     decay γ = 0.01, as in the authors' code) along ∂(zᵀδ)/∂ξ = z ⊙ (δ − zᵀδ).
     Losses must exceed ``min_losses`` (default 0). State: (ξ, opt_state,
     L_before, present_before).
+
+    Scale property (not a bug; measured on MultiTab, experiments/results/mtl_optim.md):
+    FAMO descends Σ z_t log L_t, so w_t ∝ z_t/L_t: at near-uniform z a task
+    whose loss is k times smaller gets k times more weight, and driving an
+    already small loss further down counts as much as halving a large one. ξ
+    can offset a ratio k only by moving log k apart (≥ log k / lr Adam steps),
+    and its signal, the difference between the tasks' rates of log-loss
+    decrease, vanishes once every loss plateaus, whatever the levels. On
+    MultiTab the linear tasks' training losses fall to ~0.005 (below the noise
+    variance 0.01) while the quadratic tasks' stay ~0.5: ξ moves < 0.15 in
+    400 steps of mtl.train (log 100 ≈ 4.6 would be needed), the quadratic
+    tasks get ~1% of the weight, and their test MSE ends 3–5× the single-task
+    one. lr = 0.25 or γ = 0 does not remove this. The sum Σ w = 1 is not the cause (a common
+    factor cancels in Adam). See also ``update``: the authors' code measures
+    L_after on the same batch right after the step, which is less noisy than
+    the next batch's losses.
     """
     opt = make_optimizer(optimizer, lr, weight_decay=gamma)
 
