@@ -34,11 +34,14 @@ from mtl.train.step import Steps
 
 # name -> (input shape, batch, encoder kwargs). The CNN (the CelebA-like setting) compiles
 # slowly on a shared 2-core CPU; the MLP is the default here, --encoder cnn for the CNN.
+# "wide" (parameters, hence J, dominate memory; small batch) is where optim.jacobian=stream
+# pays: the keep-vs-stream table always uses it.
 ENCODERS = {
     "mlp": ((28, 28, 1), 256, dict(hidden=(256, 256))),
     "cnn": ((16, 16, 3), 32, dict(widths=(8, 16, 32), groups=4)),
+    "wide": ((256,), 32, dict(hidden=(1024, 1024, 1024))),
 }
-INPUT, BATCH, ENCODER, ENCODER_NAME = None, None, None, None
+ENCODER_TYPE = {"wide": "mlp"}
 
 
 def time_steps(st, state, batch, n, budget_s=1.5):
@@ -53,20 +56,36 @@ def time_steps(st, state, batch, n, budget_s=1.5):
     return min(times)  # the machine is shared: the minimum is the least disturbed step
 
 
-def bench(t: int, method: str, grad_on: str, n: int, batch_np) -> float:
+def make_steps(enc: str, t: int, method: str, grad_on: str, jacobian: str = "keep"):
+    shape, _, kwargs = ENCODERS[enc]
     tasks = [Task(f"a{i}", heads.Classification(2)) for i in range(t)]
-    mcfg = ml_collections.ConfigDict({"arch": "shared", "encoder": ENCODER_NAME, "encoder_kwargs": ENCODER})
-    factory = model_factory(mcfg, tasks, INPUT)
+    mcfg = ml_collections.ConfigDict({"arch": "shared", "encoder": ENCODER_TYPE.get(enc, enc),
+                                      "encoder_kwargs": kwargs})
+    factory = model_factory(mcfg, tasks, shape)
     mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
-    st = Steps(factory, tasks, make_optimizer("adamw", 1e-3, 1000), mesh,
-               optim=dict(aggregator=method, grad_on=grad_on))
+    return Steps(factory, tasks, make_optimizer("adamw", 1e-3, 1000), mesh,
+                 optim=dict(aggregator=method, grad_on=grad_on, jacobian=jacobian))
+
+
+def bench(enc: str, t: int, method: str, grad_on: str, n: int, batch_np, jacobian: str = "keep") -> float:
+    st = make_steps(enc, t, method, grad_on, jacobian)
     state = st.init()
     return time_steps(st, state, st.put_batch(batch_np), n)
 
 
-def make_batch(t, rng):
-    return {"inputs": rng.normal(size=(BATCH,) + INPUT).astype(np.float32),
-            "labels": {f"a{i}": rng.integers(0, 2, BATCH).astype(np.int32) for i in range(t)}}
+def step_memory(enc: str, t: int, method: str, jacobian: str, batch_np) -> int:
+    """XLA's temporary-buffer size (bytes) of the compiled train step: what J costs."""
+    st = make_steps(enc, t, method, "params", jacobian)
+    state = st.init()
+    with st.activate():
+        compiled = jax.jit(st._train_step).lower(state, st.put_batch(batch_np)).compile()
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+
+
+def make_batch(enc, t, rng):
+    shape, batch, _ = ENCODERS[enc]
+    return {"inputs": rng.normal(size=(batch,) + shape).astype(np.float32),
+            "labels": {f"a{i}": rng.integers(0, 2, batch).astype(np.int32) for i in range(t)}}
 
 
 def main(argv=None):
@@ -77,31 +96,34 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="T=2 and 10, 3 methods, 3 steps")
     ap.add_argument("--out", default="")
     ap.add_argument("--encoder", default="mlp", choices=sorted(ENCODERS))
+    ap.add_argument("--stream-method", default="mgda",
+                    help="Gramian method timed with optim.jacobian=stream vs keep (time and memory)")
     a = ap.parse_args(argv)
-    global INPUT, BATCH, ENCODER, ENCODER_NAME
-    INPUT, BATCH, ENCODER = ENCODERS[a.encoder]
-    ENCODER_NAME = a.encoder
+    enc = a.encoder
+    INPUT, BATCH, ENCODER = ENCODERS[enc]
     if a.quick:
         a.tasks, a.steps, a.methods = [2, 10], 3, ["ew", "famo", "mgda"]
     methods = [m for m in a.methods if m != "ew"]
     rng = np.random.default_rng(0)
-    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); {ENCODER_NAME} {ENCODER} on "
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); {enc} {ENCODER} on "
           f"{INPUT}, batch {BATCH}, AdamW; min of {a.steps} steps", flush=True)
     lines = ["| T | method | needs G | ratio params | ratio repr | theory | params/theory | repr/theory |",
              "|---|---|---|---|---|---|---|---|"]
+    stream_lines = ["| T | keep: ratio | stream: ratio | stream theory (1+2(T+1))/3 | stream/theory | "
+                    "keep: step temp MB | stream: step temp MB |", "|---|---|---|---|---|---|---|"]
     for t in a.tasks:
-        batch = make_batch(t, rng)
-        ew = bench(t, "ew", "params", a.steps, batch)
+        batch = make_batch(enc, t, rng)
+        ew = bench(enc, t, "ew", "params", a.steps, batch)
         theory = (1 + 2 * t) / 3
         times = {}
         for m in methods:
             gram = "gram" in get_aggregator(m).needs
-            tp = bench(t, m, "params", a.steps, batch)
+            tp = bench(enc, t, m, "params", a.steps, batch)
             # loss-only methods take the same path whatever grad_on says: time them once
-            tr = bench(t, m, "representation", a.steps, batch) if gram else tp
+            tr = bench(enc, t, m, "representation", a.steps, batch) if gram else tp
             times[m] = (gram, tp, tr)
             print(f"  measured T={t} {m}", flush=True)
-        ew = min(ew, bench(t, "ew", "params", a.steps, batch))  # EW before and after, the faster
+        ew = min(ew, bench(enc, t, "ew", "params", a.steps, batch))  # EW before and after, the faster
         print(f"\nT={t}: EW step {ew * 1e3:.2f} ms; theory for a Jacobian method (1+2T)/3 = {theory:.2f}x",
               flush=True)
         print(f"  {'method':<12} {'G?':<3} {'params':>8} {'repr':>8} {'theory':>7} {'p/theory':>9} {'r/theory':>9}")
@@ -112,14 +134,28 @@ def main(argv=None):
                   f"{rr / th:>9.2f}", flush=True)
             lines.append(f"| {t} | {m} | {'yes' if gram else 'no'} | {rp:.2f} | {rr:.2f} | {th:.2f} | "
                          f"{rp / th:.2f} | {rr / th:.2f} |")
+        # J kept vs streamed, on the "wide" MLP (parameters dominate the step's memory)
+        sm, wb = a.stream_method, make_batch("wide", t, rng)
+        tew = bench("wide", t, "ew", "params", a.steps, wb)
+        tk, ts = (bench("wide", t, sm, "params", a.steps, wb, jacobian=j) for j in ("keep", "stream"))
+        tew = min(tew, bench("wide", t, "ew", "params", a.steps, wb))
+        mem = {j: step_memory("wide", t, sm, j, wb) / 1e6 for j in ("keep", "stream")}
+        st_theory = (3 + 2 * t) / 3
+        print(f"  wide MLP, {sm}: keep {tk / tew:.2f}x, stream {ts / tew:.2f}x (stream theory {st_theory:.2f}x); "
+              f"step temp memory keep {mem['keep']:.1f} MB, stream {mem['stream']:.1f} MB", flush=True)
+        stream_lines.append(f"| {t} | {tk / tew:.2f} | {ts / tew:.2f} | {st_theory:.2f} | {ts / tew / st_theory:.2f} | "
+                            f"{mem['keep']:.1f} | {mem['stream']:.1f} |")
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:
             f.write("# Aggregator step time relative to EW (this machine, one run)\n\n"
-                    f"{ENCODER_NAME} {ENCODER} on {INPUT}, batch {BATCH}, AdamW, backend "
+                    f"{enc} {ENCODER} on {INPUT}, batch {BATCH}, AdamW, backend "
                     f"{jax.default_backend()}. theory = (1 forward + T backward)/(1 forward + 1 backward) "
                     "with backward = 2 forwards, for methods that need G (1 otherwise).\n\n"
-                    + "\n".join(lines) + "\n")
+                    + "\n".join(lines) + "\n\n"
+                    f"## {a.stream_method}: J kept vs streamed (optim.jacobian)\n\nMLP {ENCODERS['wide'][2]} on "
+                    f"{ENCODERS['wide'][0]}, batch {ENCODERS['wide'][1]} (parameters dominate memory); step time "
+                    "relative to EW on the same model, and XLA's temporary memory of the compiled step.\n\n" + "\n".join(stream_lines) + "\n")
         print(f"\nwrote {a.out}")
 
 
