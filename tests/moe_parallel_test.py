@@ -70,7 +70,7 @@ def test_no_mesh_runs_locally_and_matches_dense():
     np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6)
 
 
-def test_expert_count_and_token_count_must_divide():
+def test_expert_count_must_divide():
     m = mesh()
     x = jnp.zeros((32, 6))
     idx = jnp.zeros((32, 2), jnp.int32)
@@ -78,9 +78,7 @@ def test_expert_count_and_token_count_must_divide():
               "b_down": jnp.zeros((6, 6))}
     with pytest.raises(ValueError, match=r"6 experts cannot be split over the mesh's 'expert' axis of size 4"):
         expert_parallel_ffn(x, jnp.zeros((32, 2)), idx, params, num_experts=6, capacity=8, mesh=m)
-    params8 = jax.tree.map(lambda a: jnp.zeros((8,) + a.shape[1:]), params)
-    with pytest.raises(ValueError, match=r"12 tokens cannot be split over the 8 token shards"):
-        expert_parallel_ffn(x[:12], jnp.zeros((12, 2)), idx[:12], params8, num_experts=8, capacity=8, mesh=m)
+    # a token count that does not divide the token shards is padded (tests/moe_padding_test.py)
     with pytest.raises(ValueError, match="unknown MoE impl 'ragged'"):
         SparseMoE(6, 12, 8, impl="ragged", rngs=nnx.Rngs(0))
 

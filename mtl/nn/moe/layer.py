@@ -5,7 +5,9 @@ overflow policy of ``routing.py``, and give the same outputs and gradients):
 
 * ``"dense"``: the reference, one-hot dispatch/combine einsums over ``[N, E, C]``;
 * ``"shard_map"``: expert parallelism on the mesh's ``expert`` axis (all-to-all and
-  ``ragged_dot`` grouped matmuls; ``parallel.expert_parallel_ffn``);
+  ``ragged_dot`` grouped matmuls; ``parallel.expert_parallel_ffn``); any token count: the
+  tokens are padded to a multiple of the token shards inside the expert computation, so
+  routing, ``aux`` and the losses only ever see the real tokens;
 * ``"capacity"``: scatter/gather into ``[E, C, d]`` buffers (``parallel.capacity_ffn``),
   whose compiled FLOPs count only ``E * C`` expert evaluations.
 

@@ -22,8 +22,11 @@ experts:
 3. sort the received rows by local expert and run the experts as grouped matmuls
    (``jax.lax.ragged_dot``), unsort, ``all_to_all`` back, and combine with the gate weights.
 
-Without a mesh (or with one token shard and one expert shard) the same code runs locally
-with no collectives. On CPU/GPU ``ragged_dot`` lowers to a dense masked product (XLA's
+Any token count works: when ``N`` is not a multiple of S the tokens are padded at the end
+(``padded_tokens``) with rows routed to no expert (index ``E``, gate weight 0), which take
+no capacity slot, are never sent, and are cut from the outputs; routing statistics are
+computed by the caller on the real tokens only. Without a mesh (or with one token shard and
+one expert shard) the same code runs locally with no collectives. On CPU/GPU ``ragged_dot`` lowers to a dense masked product (XLA's
 cost analysis then counts all E groups for every row); ``capacity_ffn`` (``impl="capacity"``)
 scatters tokens into ``[E, capacity, d]`` buffers and gathers them back, so its FLOPs are
 ``E * capacity`` expert evaluations: the one to measure sparse compute with.
@@ -46,7 +49,8 @@ def _mesh_sizes(mesh) -> dict:
 
 def check_expert_parallel(num_experts: int, num_tokens: int, mesh, token_axes, expert_axis: str) -> tuple:
     """``(S, X)``: the number of token shards and expert shards; ValueError naming the numbers
-    when the experts or the tokens do not split evenly."""
+    when the experts do not split evenly over the expert axis. Any ``num_tokens >= 1`` works:
+    ``expert_parallel_ffn`` pads the tokens to a multiple of S (see ``padded_tokens``)."""
     sizes = _mesh_sizes(mesh)
     if expert_axis not in sizes:
         raise ValueError(f"the mesh has no axis {expert_axis!r} for the experts; its axes are {tuple(sizes)}")
@@ -55,10 +59,16 @@ def check_expert_parallel(num_experts: int, num_tokens: int, mesh, token_axes, e
     if num_experts % x:
         raise ValueError(f"{num_experts} experts cannot be split over the mesh's {expert_axis!r} axis of size {x}: "
                          f"use a multiple of {x} experts or a smaller {expert_axis!r} mesh axis")
-    if num_tokens % s:
-        raise ValueError(f"{num_tokens} tokens cannot be split over the {s} token shards (mesh axes "
-                         f"{tuple(token_axes)}); use a batch whose token count is a multiple of {s}")
+    if num_tokens < 1:
+        raise ValueError(f"expert-parallel MoE got {num_tokens} tokens; it needs at least one")
     return s, x
+
+
+def padded_tokens(num_tokens: int, num_shards: int) -> int:
+    """The token count ``expert_parallel_ffn`` runs on: ``num_tokens`` rounded up to a multiple
+    of the ``num_shards`` token shards. Padding tokens get no expert (index ``E``): they take
+    no capacity slot, are never sent, come back as zeros and are cut off before returning."""
+    return -(-int(num_tokens) // int(num_shards)) * int(num_shards)
 
 
 def default_token_axes(mesh, expert_axis: str = "expert") -> tuple:
@@ -112,7 +122,7 @@ def _ep_local(x, weights, indices, params, *, num_experts, capacity, activation,
     x_shards = num_expert_shards
     num_local = num_experts // x_shards
     slots = _local_slots(indices, num_experts, token_axes, num_shards)
-    kept = slots < capacity
+    kept = (slots < capacity) & (indices < num_experts)    # index E = a padding token: no expert
     dest = (indices // num_local).reshape(-1)                                 # [n*k]
     local_id = (indices % num_local).reshape(-1)
     keptf = kept.reshape(-1)
@@ -144,8 +154,8 @@ def expert_parallel_ffn(x, weights, indices, params: dict, *, num_experts: int, 
 
     ``params``: ``w_up [E, d, h], b_up [E, h], w_down [E, h, d], b_down [E, d]``. ``mesh``:
     default the current mesh (``jax.set_mesh``); none (or one device) runs locally. The
-    tokens are split over ``token_axes`` (default ``default_token_axes``), the experts over
-    ``expert_axis``."""
+    tokens are split over ``token_axes`` (default ``default_token_axes``; padded to a multiple
+    of the token shards when needed), the experts over ``expert_axis``."""
     n = x.shape[0]
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
@@ -160,12 +170,18 @@ def expert_parallel_ffn(x, weights, indices, params: dict, *, num_experts: int, 
     s, xs = check_expert_parallel(num_experts, n, mesh, token_axes, expert_axis)
     if s == 1 and xs == 1:
         return local(x, weights, indices, params, token_axes=(), num_shards=1, num_expert_shards=1)
+    pad = padded_tokens(n, s) - n
+    if pad:   # padding tokens at the end, routed to no expert: the real tokens keep their slots
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+        indices = jnp.pad(indices, ((0, pad), (0, 0)), constant_values=num_experts)
     tok = jax.P(token_axes if token_axes else None)
     exp = jax.P(expert_axis if xs > 1 else None)
     fn = jax.shard_map(functools.partial(local, token_axes=token_axes, num_shards=s, num_expert_shards=xs),
                        mesh=mesh, in_specs=(tok, tok, tok, {k: exp for k in params}), out_specs=(tok, tok),
                        check_vma=False)
-    return fn(x, weights, indices, params)
+    y, kept = fn(x, weights, indices, params)
+    return (y[:n], kept[:n]) if pad else (y, kept)
 
 
 def capacity_ffn(x, weights, indices, experts, *, capacity: int, valid=None):
