@@ -15,6 +15,17 @@ each image's tokens separately (``micro_batch_load_balancing_loss`` with one mic
 per example). ``aux["routing"][task]`` lists, per MoE layer, ``probs [B, L, E]``,
 ``indices [B, L, k]`` and ``kept [B, L, k]`` for the diagnostics in ``diagnostics.py``.
 
+Gradient accumulation (``train.accum_steps > 1``) and the pooled global-batch LBL:
+``aux["routing_counts"]`` ``[T, M, E]`` (T tasks, M MoE layers; no gradient) are the
+token->expert assignment counts of this forward, and
+``forward_with_aux(x, routing_counts=pooled)`` forms the ``lbl="global"`` loss with
+``f = pooled / sum(pooled)`` (per task and layer) instead of this forward's own counts, while
+``p`` stays this forward's mean router probability. The trainer sums the counts over all
+micro-batches of a step in a forward-only first pass and injects them
+(``pools_routing_counts``), so the accumulated loss is ``mean_m E sum_i f^pool_i p^m_i``
+(``accumulated_load_balancing_loss(pooled=True)``). ``lbl="micro"`` ignores injected counts
+(its f is per image, already independent of how the batch is split).
+
 Single-task inference: ``extract_task_model(model, task)`` builds an ``M3ViT`` for that task
 only: its router (gate row / task embedding), its head, and, with ``kept_experts``, only the
 experts it routes to (e.g. ``used_experts(model, task, x, min_share)``); its outputs equal
@@ -34,7 +45,8 @@ from flax import nnx
 from mtl.nn.encoders import ViT
 from mtl.nn.layers import Attention, MLPBlock, dense, layer_norm
 from mtl.nn.moe.layer import SparseMoE
-from mtl.nn.moe.losses import load_balancing_loss, micro_batch_load_balancing_loss, router_z_loss
+from mtl.nn.moe.losses import (load_balancing_loss, micro_batch_load_balancing_loss, router_z_loss,
+                               routing_stats)
 from mtl.sharding import constrain
 from mtl.nn.multitask import TaskHeads, build_heads
 from mtl.tasks import Task, TaskSet
@@ -110,22 +122,42 @@ class M3ViT(TaskHeads, nnx.Module):
 
     tokens = ViT.tokens  # same patch embedding, class token and positions as the dense ViT
 
-    def _lbl(self, a, batch: int):
+    @property
+    def pools_routing_counts(self) -> bool:
+        """The LBL's f should be pooled over a step's micro-batches (``lbl="global"``, an
+        LBL that counts): the trainer then injects ``routing_counts`` (module docstring)."""
+        return self.lbl == "global" and bool(self.moe_layers) and self.lbl_weight != 0
+
+    def _lbl(self, a, batch: int, pooled_counts=None):
         probs, idx = a["probs"], a["indices"]
         if self.lbl == "micro":
             return micro_batch_load_balancing_loss(probs, idx, batch)
-        return load_balancing_loss(probs, idx)
+        if pooled_counts is None:
+            return load_balancing_loss(probs, idx)
+        # f from counts pooled over the micro-batches of the step; p from these tokens
+        _, mean_probs = routing_stats(probs, idx)
+        counts = jax.lax.stop_gradient(jnp.asarray(pooled_counts, mean_probs.dtype))
+        f = counts / jnp.maximum(jnp.sum(counts), 1.0)
+        return probs.shape[-1] * jnp.sum(f * mean_probs)
 
-    def forward_with_aux(self, x):
+    def forward_with_aux(self, x, routing_counts=None):
+        """``(outputs, aux)``; ``routing_counts [T, M, E]`` (optional) replaces the
+        ``lbl="global"`` f statistics by these pooled counts (see the module docstring)."""
         if x.ndim == 3:
             x = x[..., None]
         b = x.shape[0]
+        n_moe = len(self.moe_layers)
+        if routing_counts is not None:
+            want = (len(self.task_specs), n_moe, self.config["num_experts"])
+            if tuple(routing_counts.shape) != want:
+                raise ValueError(f"routing_counts must be [tasks, MoE layers, experts] = {list(want)}; "
+                                 f"got {list(routing_counts.shape)}")
         h = self.tokens(x)
         first = self.moe_layers[0] if self.moe_layers else len(self.blocks)
         for blk in self.blocks[:first]:                      # shared stem: once for all tasks
             h, _ = blk(h)
-        outputs, routing, lbls, zs = {}, {}, [], []
-        for spec, tid in zip(self.task_specs, self.task_ids):
+        outputs, routing, lbls, zs, counts = {}, {}, [], [], []
+        for ti, (spec, tid) in enumerate(zip(self.task_specs, self.task_ids)):
             ht, layers = h, []
             for blk in self.blocks[first:]:
                 ht, a = blk(ht, tid)
@@ -134,14 +166,19 @@ class M3ViT(TaskHeads, nnx.Module):
                     layers.append({"probs": a["probs"].reshape(lead + a["probs"].shape[-1:]),
                                    "indices": a["indices"].reshape(lead + a["indices"].shape[-1:]),
                                    "kept": a["kept"].reshape(lead + a["kept"].shape[-1:])})
-                    lbls.append(self._lbl(a, b))
+                    pooled = None if routing_counts is None else routing_counts[ti, len(layers) - 1]
+                    lbls.append(self._lbl(a, b, pooled))
                     zs.append(router_z_loss(a["logits"]))
+                    counts.append(routing_stats(a["probs"], a["indices"])[0])
             outputs[spec.name] = self.heads[spec.name](self.norm(ht)[:, 0])
             routing[spec.name] = layers
         lbl = jnp.mean(jnp.stack(lbls)) if lbls else jnp.zeros(())
         z = jnp.mean(jnp.stack(zs)) if zs else jnp.zeros(())
+        e = self.config["num_experts"]
+        rc = (jnp.stack(counts).reshape(len(self.task_specs), n_moe, e) if counts
+              else jnp.zeros((len(self.task_specs), 0, e), jnp.float32))
         return outputs, {"loss": self.lbl_weight * lbl + self.z_weight * z, "lbl": lbl, "z_loss": z,
-                         "routing": routing}
+                         "routing": routing, "routing_counts": jax.lax.stop_gradient(rc)}
 
     def __call__(self, x) -> dict:
         return self.forward_with_aux(x)[0]
