@@ -7,6 +7,13 @@ error that lists the keys at that level and suggests the closest one.
 
 ``base_config()`` holds every key the trainer reads, with defaults; experiment configs
 start from it and change what they need.
+
+``train.accum_steps`` (default 1 = off): gradient accumulation. Each global batch of
+``train.batch_size`` is split into ``accum_steps`` equal micro-batches processed in turn
+inside the jitted step (a ``lax.scan``; memory of one micro-batch), then one optimizer
+update. Supported with plain EW only (exact, also with partial labels); MoE models with a
+global-batch load-balancing loss pool its statistics over the micro-batches (one extra
+forward per step). See ``mtl/train/step.py``.
 """
 from __future__ import annotations
 
@@ -45,7 +52,11 @@ def base_config() -> ml_collections.ConfigDict:
     })
     c.train = ml_collections.ConfigDict({
         "steps": 1000,
-        "batch_size": 128,
+        "batch_size": 128,        # the global batch of one optimizer step
+        "accum_steps": 1,         # gradient accumulation: split each batch into this many equal
+                                  # micro-batches run one after another in the step (memory of
+                                  # batch_size/accum_steps; one update). 1 = off. Plain EW only;
+                                  # exact (label-count weighted); pooled MoE LBL (mtl/train/step.py)
         "eval_batch_size": 512,
         "log_every": 50,
         "eval_every": 250,
@@ -165,9 +176,14 @@ def _check_values(cfg) -> None:
         raise ValueError(f"train.select must be 'best' or 'last'; got {t.select!r}")
     if t.on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"train.on_nonfinite must be 'raise' or 'skip'; got {t.on_nonfinite!r}")
-    for k in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every"):
+    for k in ("steps", "batch_size", "eval_batch_size", "log_every", "eval_every", "checkpoint_every",
+              "accum_steps"):
         if int(t[k]) <= 0:
             raise ValueError(f"train.{k} must be positive; got {t[k]}")
+    if int(t.batch_size) % int(t.accum_steps):
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.accum_steps={t.accum_steps}: "
+                         "gradient accumulation splits each batch into equal micro-batches; make the batch "
+                         "size a multiple of accum_steps")
     if "optim" in cfg:
         from mtl.train.aggregate import OptimSpec
 

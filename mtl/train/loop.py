@@ -72,7 +72,18 @@ def build(cfg, bundle, infos, mesh=None):
     mesh = mesh if mesh is not None else shd.make_mesh(dict(cfg.mesh))
     weights = list(cfg.train.loss_weights) or None
     return Steps(factory, tasks, tx, mesh, rules=cfg.rules, loss_weights=weights, seed=cfg.seed,
-                 optim=cfg.optim)
+                 optim=cfg.optim, accum_steps=int(cfg.train.accum_steps))
+
+
+def _with_new_defaults(old: dict) -> dict:
+    """A stored config.json with keys added to ``base_config`` since it was written filled
+    in with their defaults (unchanged if it no longer validates)."""
+    import ml_collections
+
+    try:
+        return config_lib.to_json(config_lib.with_defaults(ml_collections.ConfigDict(old)))
+    except Exception:  # noqa: BLE001 - an old or foreign config: compare it as stored
+        return old
 
 
 def _prepare_workdir(workdir: str, cfg_json: dict, overwrite: bool, resume: bool) -> None:
@@ -83,6 +94,8 @@ def _prepare_workdir(workdir: str, cfg_json: dict, overwrite: bool, resume: bool
                 old = json.load(f)
             except json.JSONDecodeError:
                 old = None
+        if old is not None and old != cfg_json:
+            old = _with_new_defaults(old)  # a key added since that run, at its default, is no change
         if old != cfg_json:
             if overwrite:
                 if jax.process_index() == 0:
@@ -147,7 +160,8 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
     _prepare_workdir(workdir, cfg_json, overwrite, resume)
     task_names = [i.name for i in infos]
     log(f"[mtl] {cfg.name or 'run'}: {bundle.name}, tasks {task_names}, {len(train_src)} train / "
-        f"{len(val_src)} val / {len(bundle.test)} test, mesh {dict(steps.mesh.shape)}, workdir {workdir}")
+        f"{len(val_src)} val / {len(bundle.test)} test, mesh {dict(steps.mesh.shape)}, workdir {workdir}"
+        + (f", {t.accum_steps} micro-batches of {t.batch_size // t.accum_steps} per step" if t.accum_steps > 1 else ""))
 
     store = CheckpointStore(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints)
     best_store = CheckpointStore(os.path.join(workdir, "best"), max_to_keep=None)

@@ -17,6 +17,45 @@ mask (``sparse_mask``; ``()`` when off). Plain EW keeps the original single-back
 A second jitted step, ``train_step_diag``, also returns gradient diagnostics (per-task
 gradient norms, pairwise cosines, conflict fraction); the loop calls it every
 ``optim.diagnostics_every`` steps. Both compute the same update.
+
+Gradient accumulation (``accum_steps=K`` / ``train.accum_steps``; 1 = off, the original
+code path untouched). The global batch of B samples is split into K micro-batches of B/K,
+processed one after another by a ``jax.lax.scan`` inside the one jitted step (activation
+memory scales with B/K), gradients summed, then one optimizer update; B must be divisible
+by K (else a ValueError naming both). Details:
+
+* **Split.** Micro-batch m holds samples ``m, m+K, m+2K, ...`` (a strided split: reshape
+  ``[B] -> [B/K, K]``, then transpose). The batch arrives sharded over the data axes in
+  contiguous blocks, so when B is divisible by K x (number of batch shards) every device
+  already holds B/(K·shards) samples of *every* micro-batch: the split moves no data and
+  each micro-batch stays sharded over all devices (a contiguous ``[K, B/K]`` split would
+  put each micro-batch on 1/K of the devices). Otherwise XLA reshards (correct, slower).
+* **Partial labels: exact.** Task losses are masked means, so micro-batch m's loss of task
+  t is weighted by ``n_t^m / n_t`` (its share of the task's labelled samples in the whole
+  batch; no labels anywhere -> weight 0). The accumulated gradient, and the reported
+  losses, then equal the full-batch ones whatever the split of labels (up to float
+  rounding), not only when every micro-batch has the same label counts.
+* **Auxiliary losses** (``aux["loss"]``, e.g. an MoE LBL) are averaged over micro-batches.
+  A model with ``pools_routing_counts`` (M3ViT with ``lbl="global"``) gets the exact
+  global-batch LBL: a first, forward-only scan over the micro-batches collects routing
+  counts, and the gradient scan injects their sum (``forward_with_aux(x,
+  routing_counts=...)``), so the loss is ``mean_m E sum_i f^pool_i p^m_i`` =
+  ``accumulated_load_balancing_loss(pooled=True)``. Cost: one extra forward pass over the
+  global batch per step (~1/3 more compute; XLA prunes what the counts do not need), only
+  when K > 1. ``lbl="micro"`` keeps per-micro-batch f. Capacity-limited routing computes
+  expert capacity per forward, i.e. per micro-batch.
+* **Non-parameter state** (``rest``) is threaded through the micro-batches in order.
+* **Aggregators.** Only plain EW (``optim.aggregator="ew"`` with no F-MTL / sparse /
+  Rep-MTL; fixed ``train.loss_weights`` allowed) is supported with K > 1, and it is exact.
+  Every other method weights tasks from the *whole batch's* losses (loss-only methods,
+  whose state also advances once per step) or per-task gradients (Gramian methods: MGDA,
+  PCGrad, CAGrad, ... need G = J Jᵀ of the full-batch Jacobian); aggregating each
+  micro-batch and averaging would be a different method (e.g. MGDA's min-norm point is
+  not linear in J), so ``Steps`` raises a ValueError instead of doing it silently.
+* **Diagnostics** (``train_step_diag``) under accumulation are measured on the first
+  micro-batch (per-task gradients of B/K samples); the update is the accumulated one.
+* Non-finite checks see the accumulated losses, aux loss and gradient: a NaN/inf in any
+  micro-batch marks the whole step bad (no update), as without accumulation.
 """
 from __future__ import annotations
 
@@ -35,6 +74,9 @@ from mtl import sharding as shd
 from mtl.optim.sparse import apply_mask, topk_mask
 from mtl.train.aggregate import OptimSpec, TaskGradients, join, split_shared
 from mtl.tasks import Task, losses_from_outputs, metric_sums
+
+# key of a micro-batch dict holding routing counts pooled over the step's micro-batches
+ROUTING_COUNTS = "_routing_counts"
 
 
 @flax.struct.dataclass
@@ -63,7 +105,7 @@ class Steps:
     """
 
     def __init__(self, factory: Callable, tasks: Sequence[Task], tx: optax.GradientTransformation, mesh,
-                 rules=None, loss_weights=None, seed: int = 0, optim=None):
+                 rules=None, loss_weights=None, seed: int = 0, optim=None, accum_steps: int = 1):
         self.factory, self.tasks, self.tx, self.mesh = factory, list(tasks), tx, mesh
         self.optim = OptimSpec.from_config(optim)
         self.rules = shd.normalize_rules(rules if rules is not None else shd.DEFAULT_RULES)
@@ -75,8 +117,21 @@ class Steps:
         if loss_weights is not None and not self.optim.is_plain_ew:
             raise ValueError("train.loss_weights are fixed EW weights; with optim.aggregator="
                              f"{self.optim.aggregator!r} leave them empty")
+        self.accum_steps = int(accum_steps)
+        if self.accum_steps < 1:
+            raise ValueError(f"accum_steps (train.accum_steps) must be >= 1; got {accum_steps}")
+        if self.accum_steps > 1 and not self.optim.is_plain_ew:
+            raise ValueError(
+                f"train.accum_steps={self.accum_steps} (gradient accumulation) supports only plain EW "
+                f"(optim.aggregator='ew' with fmtl_rho=0, sparse_fraction=0, rep_mtl=0); got "
+                f"aggregator={self.optim.aggregator!r}, fmtl_rho={self.optim.fmtl_rho}, "
+                f"sparse_fraction={self.optim.sparse_fraction}, rep_mtl={self.optim.rep_mtl}. This method "
+                "weights tasks from the whole batch's losses or per-task gradients, which accumulating "
+                "micro-batches cannot reproduce; use train.accum_steps=1 (with a batch that fits).")
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(self.seed)))
+        # pooled global-batch LBL under accumulation (see the module docstring)
+        self.pool_routing = self.accum_steps > 1 and bool(getattr(abstract_model, "pools_routing_counts", False))
         self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
         self.grads = TaskGradients(self.optim, self.tasks, self.graphdef, self._losses,
                                    has_aux=hasattr(abstract_model, "forward_with_aux"),
@@ -146,10 +201,16 @@ class Steps:
         A model with ``forward_with_aux(x) -> (outputs, aux)`` may put an auxiliary
         objective (already weighted, e.g. an MoE load-balancing loss) in ``aux["loss"]``;
         it is added to the training objective as is, outside the per-task weighting.
+        ``batch[ROUTING_COUNTS]`` (set by the accumulation step only) is passed on as
+        ``forward_with_aux(x, routing_counts=...)``.
         """
         model = nnx.merge(self.graphdef, params, rest)
         aux_loss = jnp.zeros((), jnp.float32)
-        if hasattr(model, "forward_with_aux"):
+        counts = batch.get(ROUTING_COUNTS) if isinstance(batch, dict) else None
+        if counts is not None:  # pooled over a step's micro-batches (gradient accumulation)
+            outputs, aux = model.forward_with_aux(batch["inputs"], routing_counts=counts)
+            aux_loss = jnp.asarray(aux["loss"], jnp.float32)
+        elif hasattr(model, "forward_with_aux"):
             outputs, aux = model.forward_with_aux(batch["inputs"])
             if isinstance(aux, dict) and "loss" in aux:
                 aux_loss = jnp.asarray(aux["loss"], jnp.float32)
@@ -161,6 +222,16 @@ class Steps:
 
     def _train_step(self, state: TrainState, batch, diagnostics: bool = False):
         agg_state, extras = state.agg_state, {}
+        if self.accum_steps > 1:  # plain EW only (checked in __init__)
+            w = jnp.asarray(self.loss_weights)
+            grads, losses, aux_loss, new_rest = self.accumulated_gradients(state.params, state.rest, batch)
+            total = jnp.sum(w * losses) + aux_loss
+            if diagnostics:  # measured on the first micro-batch; the update stays the accumulated one
+                key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+                first = jax.tree.map(lambda x: x[0], self.split_micro_batches(batch))
+                *_, extras = self.grads(state.params, state.rest, first, state.agg_state, key, state.step,
+                                        diagnostics=True, sparse_mask=None)
+            return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total)
         if self.optim.is_plain_ew and not diagnostics:
             w = jnp.asarray(self.loss_weights)
 
@@ -179,6 +250,10 @@ class Steps:
             if self.optim.is_plain_ew:
                 w = jnp.asarray(self.loss_weights) * w
             total = jnp.sum(jnp.where(jnp.isfinite(w), w, 0.0) * losses) + aux_loss
+        return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total)
+
+    def _apply(self, state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total):
+        """The optimizer update (or none, for a non-finite step) and the step's metrics."""
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         if self.optim.sparse_fraction > 0:  # only the masked shared entries (and the heads) move
             shared_u, heads_u, keys = split_shared(updates)
@@ -207,6 +282,77 @@ class Steps:
 
     def _predict(self, params, rest, inputs):
         return nnx.merge(self.graphdef, params, rest)(inputs)
+
+    # ------------------------------------------------------------------ gradient accumulation
+    def split_micro_batches(self, batch):
+        """``[B, ...] -> [K, B/K, ...]`` for every array of ``batch`` (K = ``accum_steps``):
+        micro-batch m holds samples ``m, m+K, ...`` (strided, so each micro-batch stays
+        spread over all batch shards; see the module docstring)."""
+        k = self.accum_steps
+        sizes = {int(np.shape(x)[0]) for x in jax.tree.leaves(batch)}
+        if len(sizes) != 1:
+            raise ValueError(f"batch arrays have different leading sizes {sorted(sizes)}")
+        (b,) = sizes
+        if b % k:
+            raise ValueError(f"the batch of {b} samples cannot be split into accum_steps={k} equal micro-batches "
+                             f"({b} is not divisible by {k}); make train.batch_size a multiple of "
+                             "train.accum_steps")
+
+        def split(x):
+            y = jnp.swapaxes(jnp.reshape(x, (b // k, k) + tuple(x.shape[1:])), 0, 1)
+            spec = self.batch_sharding(x.ndim).spec
+            return jax.lax.with_sharding_constraint(y, NamedSharding(self.mesh, P(None, *spec)))
+
+        return jax.tree.map(split, batch)
+
+    def _micro_constrain(self, mb):
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding(x.ndim)), mb)
+
+    def pooled_routing_counts(self, params, rest, micro):
+        """Routing counts summed over the micro-batches ``micro`` ([K, B/K, ...]): a
+        forward-only scan (no gradient) reading ``aux["routing_counts"]``."""
+        def count(_, mb):
+            model = nnx.merge(self.graphdef, params, rest)
+            _, aux = model.forward_with_aux(self._micro_constrain(mb)["inputs"])
+            return None, jax.lax.stop_gradient(aux["routing_counts"])
+
+        _, counts = jax.lax.scan(count, None, {"inputs": micro["inputs"]})
+        return jnp.sum(counts, axis=0)
+
+    def accumulated_gradients(self, params, rest, batch):
+        """(grads, losses [T], aux_loss, new_rest) of the EW objective ``Σ_t w_t L_t + aux``
+        on ``batch``, accumulated over ``accum_steps`` micro-batches (module docstring):
+        equal to the full-batch values for masked-mean task losses, with exact
+        label-count weighting; ``aux`` is the mean over micro-batches (pooled LBL when the
+        model pools routing counts)."""
+        k = self.accum_steps
+        micro = self.split_micro_batches(batch)
+        per = jax.tree.leaves(micro)[0].shape[1]
+        masks = micro.get("masks") or {}
+        n = jnp.stack([jnp.sum(masks[t.name].astype(jnp.float32), axis=1) if t.name in masks
+                       else jnp.full((k,), float(per), jnp.float32) for t in self.tasks], axis=1)   # [K, T]
+        scale = n / jnp.maximum(jnp.sum(n, axis=0, keepdims=True), 1.0)
+        pooled = self.pooled_routing_counts(params, rest, micro) if self.pool_routing else None
+        w = jnp.asarray(self.loss_weights)
+
+        def body(carry, xs):
+            acc, rest_m = carry
+            mb, c = xs
+            mb = self._micro_constrain(mb)
+            if pooled is not None:
+                mb = {**mb, ROUTING_COUNTS: pooled}
+
+            def objective(p):
+                losses, aux_loss, new_rest = self._losses(p, rest_m, mb)
+                return jnp.sum(w * c * losses) + aux_loss / k, (losses, aux_loss, new_rest)
+
+            (_, (losses, aux_loss, new_rest)), g = jax.value_and_grad(objective, has_aux=True)(params)
+            acc = jax.tree.map(jnp.add, acc, g)
+            return (acc, new_rest), (losses, aux_loss)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, new_rest), (losses_m, aux_m) = jax.lax.scan(body, (zeros, rest), (micro, scale))
+        return grads, jnp.sum(scale * losses_m, axis=0), jnp.mean(aux_m), new_rest
 
     # ------------------------------------------------------------------ public API
     def init(self) -> TrainState:
