@@ -197,13 +197,18 @@ def famo(lr: float = 0.025, gamma: float = 0.01, min_losses=0.0, eps: float = 1e
     and its signal, the difference between the tasks' rates of log-loss
     decrease, vanishes once every loss plateaus, whatever the levels. On
     MultiTab the linear tasks' training losses fall to ~0.005 (below the noise
-    variance 0.01) while the quadratic tasks' stay ~0.5: ξ moves < 0.15 in
-    400 steps of mtl.train (log 100 ≈ 4.6 would be needed), the quadratic
-    tasks get ~1% of the weight, and their test MSE ends 3–5× the single-task
-    one. lr = 0.25 or γ = 0 does not remove this. The sum Σ w = 1 is not the cause (a common
-    factor cancels in Adam). See also ``update``: the authors' code measures
-    L_after on the same batch right after the step, which is less noisy than
-    the next batch's losses.
+    variance 0.01) while the quadratic tasks' stay ~0.5; in 400 steps of
+    mtl.train the spread of ξ stays ≤ 0.45 (log 100 ≈ 4.6 would be needed),
+    the two quadratic tasks get ~2% of the weight together, and their test
+    MSE ends several times the single-task one (3–4× on ρ = 0.4, seed 0).
+    lr = 0.25 or γ = 0 does not remove this, and the sum Σ w = 1 is not the
+    cause (a common factor cancels in Adam). Noise matters too: mtl.train feeds ``update`` the next batch's
+    losses, whose batch-to-batch noise swamps the one-step change; the
+    authors' code re-evaluates the same batch after the step. On MultiTab
+    that variant lets ξ spread ~1.0 and roughly halves the damage (mean
+    relative test-MSE change over 3 datasets × 3 seeds: −72..−263% →
+    −28..−145%; EW −9..−41%; ``experiments/mtl_optim_diagnose.py``) but does
+    not remove it.
     """
     opt = make_optimizer(optimizer, lr, weight_decay=gamma)
 
