@@ -39,6 +39,8 @@ METHODS = {
     "DWA": dict(aggregator="dwa"),
     "GradNorm": dict(aggregator="gradnorm"),
     "MGDA": dict(aggregator="mgda"),
+    "MGDA (l2)": dict(aggregator="mgda", hparams=dict(normalize="l2")),
+    "MGDA (loss+)": dict(aggregator="mgda", hparams=dict(normalize="loss+")),
     "PCGrad": dict(aggregator="pcgrad"),
     "CAGrad": dict(aggregator="cagrad", hparams=dict(c=0.4)),
     "IMTL-G": dict(aggregator="imtl_g"),
@@ -49,7 +51,37 @@ METHODS = {
     "EW + F-MTL": dict(aggregator="ew", fmtl_rho=0.05),
     "EW + sparse 50%": dict(aggregator="ew", sparse_fraction=0.5),
     "MGDA (repr.)": dict(aggregator="mgda", grad_on="representation"),
+    "MGDA (l2, repr.)": dict(aggregator="mgda", hparams=dict(normalize="l2"), grad_on="representation"),
 }
+# appended to the full table (why MGDA and FAMO collapse on MultiTab; what the extra rows are)
+NOTES = """\
+**MGDA and FAMO on MultiTab** (traced with `experiments/mtl_optim_diagnose.py`; not bugs,
+properties of the methods). MultiTab has two linear and two quadratic regression tasks. At
+initialisation the quadratic tasks' losses are ~3× and their shared-parameter gradients ~2×
+those of the linear tasks (ρ = 0.4, seed 0). Under MGDA and FAMO the gap feeds itself: starved
+tasks keep large losses and gradients (after ~50 steps: gradients 8–40×, training losses
+40–200×; the linear tasks' training losses fall below the noise variance).
+- *MGDA* (paper algorithm, no gradient normalisation) picks the min-norm point of the
+  gradients' convex hull: for nearly orthogonal gradients w_t ∝ 1/‖g_t‖². Each quadratic task
+  gets < 2% of the weight from step ~50 on, the encoder never learns its features, and its test
+  MSE ends ~6× the single-task one. The solver is right: the logged weights equal an
+  independent SLSQP solve of the logged Gramians. Normalising the gradients before solving,
+  the optional step of the authors' code and LibMTL (`optim.hparams.normalize='l2'` or
+  `'loss+'`, the solution applied to the normalised gradients as in LibMTL), removes the bias:
+  rows *MGDA (l2)*, *MGDA (loss+)*, *MGDA (l2, repr.)*.
+- *FAMO* descends Σ z_t log L_t, so w_t ∝ z_t/L_t: the linear tasks' small losses earn them
+  ~98% of the weight. Its logits would have to spread by log 100 ≈ 4.6 to compensate; they
+  spread ≤ 0.45 in 400 steps. Re-evaluating the same batch after the step for FAMO's logit
+  update (the authors' code; `mtl.train` uses the next batch's losses, which are noisier)
+  roughly halves the damage but does not remove it (diagnose script, mean relative test-MSE
+  change over 3 datasets × 3 seeds: −72..−263% → −28..−145%, EW −9..−41%).
+- Not the cause: MGDA's and FAMO's weights summing to 1 instead of T. With AdamW a common
+  factor cancels: EW with w = 1/T and MGDA with w × T train to the same test MSE (4 digits).
+
+Rows *MGDA (l2)*, *MGDA (loss+)* and *MGDA (l2, repr.)* were added on 2026-11-21 (code of
+commit 746de6e). The other rows were not re-run: their code paths did not change, and the
+default MGDA computes the same weights as before.
+"""
 LABELS = {"multifashion": "MultiFashion", "multitab0": "MultiTab ρ=0", "multitab0.4": "MultiTab ρ=0.4",
           "multitab0.8": "MultiTab ρ=0.8"}
 
@@ -136,6 +168,8 @@ def write_outputs(out, datasets, methods, seeds, results_dir, tag):
             v = np.array(out[d][m])
             cells.append(f"{v[:, 0].mean():+.2f} ± {v[:, 0].std():.2f} / {np.nanmean(v[:, 1]):.2f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if tag == "":
+        lines += ["", NOTES.rstrip()]
     md = os.path.join(results_dir, f"mtl_optim{tag}.md")
     with open(md, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -153,9 +187,9 @@ def write_outputs(out, datasets, methods, seeds, results_dir, tag):
         ax.barh(y, mean, xerr=std, color=["C0" if v >= 0 else "C3" for v in mean])
         ax.axvline(0, color="k", lw=0.8)
         ax.set_yticks(y, methods)
-        ax.invert_yaxis()
         ax.set_title(LABELS[d])
         ax.set_xlabel("Δm% (test)")
+    axes[0].invert_yaxis()  # the y axis is shared: invert it once (table order, top to bottom)
     fig.tight_layout()
     png = os.path.join(results_dir, f"mtl_optim{tag}.png")
     fig.savefig(png, dpi=110)
