@@ -78,7 +78,7 @@ tasks keep large losses and gradients (after ~50 steps: gradients 8–40×, trai
 - Not the cause: MGDA's and FAMO's weights summing to 1 instead of T. With AdamW a common
   factor cancels: EW with w = 1/T and MGDA with w × T train to the same test MSE (4 digits).
 
-Rows *MGDA (l2)*, *MGDA (loss+)* and *MGDA (l2, repr.)* were added on 2026-11-21 (code of
+Rows *MGDA (l2)*, *MGDA (loss+)* and *MGDA (l2, repr.)* were added on 2026-11-21 (mtl/optim of
 commit 746de6e). The other rows were not re-run: their code paths did not change, and the
 default MGDA computes the same weights as before.
 """
