@@ -79,6 +79,19 @@ def test_accumulated_step_sharded_on_8_devices_and_split_moves_no_data():
     assert colls <= {"all-reduce"}, colls
 
 
+def test_nan_in_one_micro_batch_skips_the_whole_step():
+    steps = Steps(mlp_factory, TASKS, make_optimizer("sgd", 0.5, 10), shd.make_mesh({"data": 1}, jax.devices()[:1]),
+                  accum_steps=4)
+    state = steps.init()
+    p0 = jax.device_get(state.params)
+    batch = make_batch(32)
+    batch["inputs"][5, 0] = np.nan        # sample 5 is in micro-batch 1 (strided split)
+    state, m = steps.step(state, steps.put_batch(batch))
+    assert not bool(m["ok"]) and int(state.nonfinite_count) == 1
+    assert [int(v) for v in state.first_nonfinite] == [0, 0]
+    assert_trees_close(jax.device_get(state.params), p0, rtol=0, atol=0)
+
+
 def test_micro_batch_split_is_strided():
     steps = Steps(mlp_factory, TASKS, make_optimizer("sgd", 0.1, 10), shd.make_mesh({"data": 1}, jax.devices()[:1]),
                   accum_steps=4)

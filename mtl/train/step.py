@@ -42,8 +42,11 @@ by K (else a ValueError naming both). Details:
   routing_counts=...)``), so the loss is ``mean_m E sum_i f^pool_i p^m_i`` =
   ``accumulated_load_balancing_loss(pooled=True)``. Cost: one extra forward pass over the
   global batch per step (~1/3 more compute; XLA prunes what the counts do not need), only
-  when K > 1. ``lbl="micro"`` keeps per-micro-batch f. Capacity-limited routing computes
-  expert capacity per forward, i.e. per micro-batch.
+  when K > 1. The counting pass must route as the gradient pass does (true for M3ViT,
+  whose forward is deterministic). ``lbl="micro"`` keeps per-micro-batch f. Capacity-limited
+  routing computes expert capacity per forward, i.e. per micro-batch, so with token drops
+  later layers (and their routing) can differ from a full-batch step; with no capacity
+  limit the pooled accumulated loss and gradient equal the full-batch ones.
 * **Non-parameter state** (``rest``) is threaded through the micro-batches in order.
 * **Aggregators.** Only plain EW (``optim.aggregator="ew"`` with no F-MTL / sparse /
   Rep-MTL; fixed ``train.loss_weights`` allowed) is supported with K > 1, and it is exact.
