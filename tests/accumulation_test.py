@@ -216,3 +216,23 @@ def test_resume_with_accumulation_is_exact(tmp_path):
     assert rp["val"] == rf["val"] and rp["test"] == rf["test"]
     assert read_metrics(full) == read_metrics(part)
     assert any(r["split"] == "diagnostics" for r in read_metrics(full))
+
+
+def test_workdir_written_before_accum_steps_existed_is_not_another_run(tmp_path):
+    import json
+    import os
+
+    from mtl.config import to_json
+    from mtl.train.loop import WorkdirConflictError, _prepare_workdir
+
+    cfg_json = to_json(with_defaults(tiny_config()))
+    old = json.loads(json.dumps(cfg_json))
+    del old["train"]["accum_steps"]             # a config.json from before the key was added
+    os.makedirs(tmp_path / "wd")
+    with open(tmp_path / "wd" / "config.json", "w") as f:
+        json.dump(old, f)
+    _prepare_workdir(str(tmp_path / "wd"), cfg_json, overwrite=False, resume=False)   # same run
+    changed = json.loads(json.dumps(cfg_json))
+    changed["train"]["accum_steps"] = 2
+    with pytest.raises(WorkdirConflictError, match="accum_steps"):
+        _prepare_workdir(str(tmp_path / "wd"), changed, overwrite=False, resume=False)
