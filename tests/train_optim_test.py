@@ -206,6 +206,59 @@ def test_sparse_training_updates_only_the_mask():
     assert np.any(flat_delta(p0, p1, "heads") != 0)
 
 
+def test_saliency_mask_is_chosen_on_the_first_step_and_kept():
+    """optim.sparse_criterion="saliency": the mask is the top fraction of |θ ⊙ ∇Σ_t L_t| on
+    the first batch (numpy top-k of per-task reference gradients), only those entries move,
+    and later steps keep the same mask."""
+    rng = np.random.default_rng(11)
+    b0, b1 = make_batch(rng, 16), make_batch(rng, 16)
+    steps = Steps(factory, TASKS, make_optimizer("adam", 1e-2, 10), one_device(),
+                  optim=dict(aggregator="mgda", sparse_fraction=0.3, sparse_criterion="saliency"))
+    state = steps.init()
+    enc, _, _, _ = reference_grads(steps, state, b0)
+    p0 = jax.device_get(state.params)
+    theta = np.concatenate([np.ravel(a) for a in jax.tree.leaves(p0["encoder"])])
+    score = np.abs(theta * (enc[0] + enc[1]))
+    keep = np.zeros(theta.size, bool)
+    keep[np.argsort(-score, kind="stable")[:int(round(0.3 * theta.size))]] = True
+    state, _ = steps.step(state, steps.put_batch(b0))
+    mask0 = np.concatenate([np.ravel(a) for a in jax.tree.leaves(jax.device_get(state.sparse_mask))])
+    np.testing.assert_array_equal(mask0, keep)
+    state, _ = steps.step(state, steps.put_batch(b1))
+    mask1 = np.concatenate([np.ravel(a) for a in jax.tree.leaves(jax.device_get(state.sparse_mask))])
+    np.testing.assert_array_equal(mask1, keep)
+    moved = flat_delta(p0, jax.device_get(state.params), "encoder") != 0
+    assert moved.any() and not moved[~keep].any()
+
+
+def test_famo_same_batch_update_matches_the_pure_functions():
+    """FAMO's default update_on="same_batch": after the step, the logits take one update
+    from (losses before, losses of the updated model on the same batch), recomputed here
+    with the aggregator's pure functions and an independent forward pass."""
+    from mtl.optim import get_aggregator
+    from mtl.train.aggregate import present_mask
+    from mtl.train.step import task_losses
+    rng = np.random.default_rng(12)
+    b = make_batch(rng, 16)
+    steps = Steps(factory, TASKS, sgd1(), one_device(), optim=dict(aggregator="famo"))
+    state = steps.init()
+    state, m = steps.step(state, steps.put_batch(b))
+    agg = get_aggregator("famo")
+    present = present_mask(TASKS, jax.tree.map(jnp.asarray, b))
+    w, st = agg.weights(agg.init(2), losses=jnp.asarray(m["losses"]), present=present)
+    np.testing.assert_allclose(np.asarray(m["weights"]), np.asarray(w), rtol=1e-6)
+    after = task_losses(steps.model(state.params), jax.tree.map(jnp.asarray, b), TASKS)
+    expected = agg.update(st, losses=after, present=present)
+    np.testing.assert_allclose(np.asarray(state.agg_state["main"][0]), np.asarray(expected[0]),
+                               rtol=1e-5, atol=1e-7)
+    assert np.abs(np.asarray(expected[0])).max() > 0  # the logits did move
+    # the next-batch variant leaves the logits untouched until the next step
+    steps2 = Steps(factory, TASKS, sgd1(), one_device(),
+                   optim=dict(aggregator="famo", hparams=dict(update_on="next_batch")))
+    s2, _ = steps2.step(steps2.init(), steps2.put_batch(b))
+    assert np.abs(np.asarray(s2.agg_state["main"][0])).max() == 0
+
+
 @pytest.mark.parametrize("grad_on,jacobian", [("params", "keep"), ("representation", "keep"),
                                               ("params", "stream")])
 def test_sharded_jacobian_step_equals_single_device(grad_on, jacobian):
@@ -270,6 +323,7 @@ def test_diagnostics_are_logged(tmp_path):
 
 @pytest.mark.parametrize("aggregator", ["famo"])
 def test_resume_with_stateful_aggregator_is_exact(tmp_path, aggregator):
+    """(FAMO, same-batch update: the extra forward pass and the logits' state resume exactly)"""
     from mtl.checkpoint import CheckpointStore
     from mtl.train.loop import run
     cfg = tiny_config(steps=30, aggregator=aggregator)

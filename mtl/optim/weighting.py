@@ -177,8 +177,11 @@ def gradnorm(alpha: float = 1.5, lr: float = 0.025, optimizer: str = "adam"):
                            hparams=dict(alpha=alpha, lr=lr, optimizer=optimizer))
 
 
+FAMO_UPDATE_ON = ("same_batch", "next_batch")
+
+
 def famo(lr: float = 0.025, gamma: float = 0.01, min_losses=0.0, eps: float = 1e-8,
-         optimizer: str = "adam"):
+         optimizer: str = "adam", update_on: str = "same_batch"):
     """FAMO (Liu et al. 2023). Logits ξ (init 0), z = softmax(ξ).
 
     ``weights``: w_t = (z_t/D_t) / Σ_s (z_s/D_s), D_t = L_t − min_t + eps (the
@@ -188,6 +191,13 @@ def famo(lr: float = 0.025, gamma: float = 0.01, min_losses=0.0, eps: float = 1e
     decay γ = 0.01, as in the authors' code) along ∂(zᵀδ)/∂ξ = z ⊙ (δ − zᵀδ).
     Losses must exceed ``min_losses`` (default 0). State: (ξ, opt_state,
     L_before, present_before).
+
+    ``update_on`` tells the trainer (``mtl.train``) which losses "after" are:
+    ``"same_batch"`` (default; the authors' code) re-evaluates the step's own batch
+    with the updated parameters, one extra forward pass per step; ``"next_batch"``
+    uses the next step's losses on its own batch (no extra forward, but the
+    batch-to-batch noise then swamps the one-step change). Used outside the
+    trainer, ``update`` is simply called with whatever losses the caller passes.
 
     Scale property (not a bug; measured on MultiTab, experiments/results/mtl_optim.md):
     FAMO descends Σ z_t log L_t, so w_t ∝ z_t/L_t: at near-uniform z a task
@@ -210,6 +220,8 @@ def famo(lr: float = 0.025, gamma: float = 0.01, min_losses=0.0, eps: float = 1e
     −28..−145%; EW −9..−41%; ``experiments/mtl_optim_diagnose.py``) but does
     not remove it.
     """
+    if update_on not in FAMO_UPDATE_ON:
+        raise ValueError(f"famo: update_on must be one of {FAMO_UPDATE_ON}, found {update_on!r}")
     opt = make_optimizer(optimizer, lr, weight_decay=gamma)
 
     def init(num_tasks):
@@ -242,4 +254,4 @@ def famo(lr: float = 0.025, gamma: float = 0.01, min_losses=0.0, eps: float = 1e
 
     return make_aggregator("famo", ("losses",), core, init=init, update=update, post_step=True,
                            hparams=dict(lr=lr, gamma=gamma, min_losses=min_losses, eps=eps,
-                                        optimizer=optimizer))
+                                        optimizer=optimizer, update_on=update_on))

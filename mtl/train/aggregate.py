@@ -32,9 +32,11 @@ Partial labels: a task is *present* when at least one sample of the batch has it
 label; absent tasks get weight exactly 0 that step and are left out of the method (their
 rows/columns of G are dropped by the aggregator).
 
-FAMO's post-step update needs losses after the step: we use the next step's losses on
-its own batch (the FAMO authors' practical variant), i.e. step k first calls
-``agg.update(state, losses=L_k)`` and then ``agg.weights`` — no extra forward pass.
+FAMO's post-step update needs losses after the step. With ``update_on="same_batch"``
+(its default, as the authors' code) the train step re-evaluates its own batch with the
+updated parameters (one extra forward pass) and calls :meth:`TaskGradients.post_update`;
+with ``update_on="next_batch"`` step k first calls ``agg.update(state, losses=L_k)`` on
+its own batch's losses and then ``agg.weights`` — no extra forward pass, noisier.
 
 F-MTL (``fmtl_rho > 0``, ``grad_on="params"`` only): each task's shared parameters are
 perturbed by ρ g_t/‖g_t‖, h_t = ∇L_t(θ + ε_t) − g_t (T more forward+backward passes),
@@ -42,7 +44,9 @@ and the shared update is Agg({g_t}) + Agg({h_t}); for Gramian methods the h-weig
 from a second copy of the aggregator state on G_h = H Hᵀ, loss-only methods reuse w.
 
 Sparse training (``sparse_fraction > 0``): a fixed mask keeps the top fraction of the
-shared parameters by magnitude at initialisation; only they are updated, and G (hence
+shared parameters, by magnitude at initialisation (``sparse_criterion="magnitude"``) or
+by saliency |θ ⊙ ∇Σ_t L_t| on the first training batch (``"saliency"``, SNIP-style; our
+choice where the spec leaves the criterion open); only they are updated, and G (hence
 the weights and the conflict diagnostics) is built from the masked gradients.
 
 Rep-MTL (``rep_mtl > 0``, representation gradients): see :func:`rep_mtl_penalty`.
@@ -63,7 +67,7 @@ from mtl.tasks import losses_from_outputs
 GRAD_ON = ("params", "representation")
 JACOBIAN = ("keep", "stream")
 HEAD_GRADS = ("plain", "weighted")
-SPARSE_CRITERIA = ("magnitude",)
+SPARSE_CRITERIA = ("magnitude", "saliency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,9 +281,21 @@ class TaskGradients:
     def _weights(self, st, *, gram, losses, key, step, present):
         return self.agg.weights(st, gram=gram, losses=losses, key=key, step=step, present=present)
 
+    @property
+    def same_batch_update(self) -> bool:
+        """The aggregator's post-step update wants the losses of this step's batch after
+        the update (FAMO's default): the train step calls :meth:`post_update`."""
+        return self.agg.post_step and dict(self.agg.hparams or {}).get("update_on") == "same_batch"
+
+    def post_update(self, agg_state, losses_after, present):
+        """The post-step update on the step's own batch re-evaluated after the update."""
+        main = self.agg.update(agg_state["main"], losses=jax.lax.stop_gradient(losses_after), present=present)
+        return {**agg_state, "main": main}
+
     def _pre(self, agg_state, losses, present):
         main = agg_state["main"]
-        if self.agg.post_step:  # FAMO: the previous step's update, on this step's losses
+        if self.agg.post_step and not self.same_batch_update:
+            # FAMO, next-batch variant: the previous step's update, on this step's losses
             main = self.agg.update(main, losses=jax.lax.stop_gradient(losses), present=present)
         return main
 

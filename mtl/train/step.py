@@ -13,7 +13,10 @@ the loop can stop (naming step and task) or carry on, as configured.
 Multi-task optimisation (``optim=`` / ``config.optim``): the per-task gradient machinery
 lives in :mod:`mtl.train.aggregate`; the aggregator's state is part of ``TrainState``
 (``agg_state``, checkpointed with everything else), and so is the fixed sparse-training
-mask (``sparse_mask``; ``()`` when off). Plain EW keeps the original single-backward path.
+mask (``sparse_mask``; ``()`` when off; with ``optim.sparse_criterion="saliency"`` it is
+chosen on the first step that trains, see ``Steps._sparse_mask``). Plain EW keeps the
+original single-backward path. FAMO's default same-batch update re-evaluates the step's
+batch after the update (one extra forward pass).
 A second jitted step, ``train_step_diag``, also returns gradient diagnostics (per-task
 gradient norms, pairwise cosines, conflict fraction); the loop calls it every
 ``optim.diagnostics_every`` steps. Both compute the same update.
@@ -75,7 +78,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtl import sharding as shd
 from mtl.optim.sparse import apply_mask, topk_mask
-from mtl.train.aggregate import OptimSpec, TaskGradients, join, split_shared
+from mtl.train.aggregate import OptimSpec, TaskGradients, join, present_mask, split_shared
 from mtl.tasks import Task, losses_from_outputs, metric_sums
 
 # key of a micro-batch dict holding routing counts pooled over the step's micro-batches
@@ -190,7 +193,10 @@ class Steps:
         sparse = ()
         if self.optim.sparse_fraction > 0:
             shared = split_shared(params)[0]
-            sparse = topk_mask(shared, self.optim.sparse_fraction, self.optim.sparse_criterion)
+            if self.optim.sparse_criterion == "saliency":  # chosen on the first good step
+                sparse = jax.tree.map(lambda p: jnp.ones(p.shape, bool), shared)
+            else:
+                sparse = topk_mask(shared, self.optim.sparse_fraction, self.optim.sparse_criterion)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                           opt_state=self.tx.init(params),
                           rng=jax.random.key_data(jax.random.key(self.seed)),
@@ -246,22 +252,54 @@ class Steps:
                 state.params)
         else:
             key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-            mask = state.sparse_mask if self.optim.sparse_fraction > 0 else None
+            mask, prev_mask = None, state.sparse_mask
+            if self.optim.sparse_fraction > 0:
+                state = state.replace(sparse_mask=self._sparse_mask(state, batch))
+                mask = state.sparse_mask
             grads, losses, aux_loss, new_rest, w, agg_state, extras = self.grads(
                 state.params, state.rest, batch, state.agg_state, key, state.step,
                 diagnostics=diagnostics, sparse_mask=mask)
             if self.optim.is_plain_ew:
                 w = jnp.asarray(self.loss_weights) * w
             total = jnp.sum(jnp.where(jnp.isfinite(w), w, 0.0) * losses) + aux_loss
-        return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total)
+            new_state, metrics = self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras,
+                                             total, batch)
+            if mask is not None:  # a non-finite step keeps the previous mask too
+                new_state = new_state.replace(sparse_mask=jax.tree.map(
+                    lambda a, b: jnp.where(metrics["ok"], a, b), new_state.sparse_mask, prev_mask))
+            return new_state, metrics
+        return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total, batch)
 
-    def _apply(self, state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total):
-        """The optimizer update (or none, for a non-finite step) and the step's metrics."""
+    def _sparse_mask(self, state, batch):
+        """The sparse-training mask for this step. ``"magnitude"``: fixed at init.
+        ``"saliency"``: top ``sparse_fraction`` of the shared entries by |θ ⊙ ∇_θ Σ_t L_t|
+        (SNIP-style), from the first step that trains (every earlier step was non-finite,
+        so none was kept: ``step == nonfinite_count``), on that step's batch; one more
+        forward and backward pass, only then. Fixed from there on (it is in the state, so
+        resume keeps it)."""
+        if self.optim.sparse_criterion != "saliency":
+            return state.sparse_mask
+
+        def choose():
+            g = jax.grad(lambda p: jnp.sum(self._losses(p, state.rest, batch)[0]))(state.params)
+            shared, g_shared = split_shared(state.params)[0], split_shared(g)[0]
+            return topk_mask(shared, self.optim.sparse_fraction, "saliency", grads=g_shared)
+
+        return jax.lax.cond(state.step == state.nonfinite_count, choose, lambda: state.sparse_mask)
+
+    def _apply(self, state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total, batch=None):
+        """The optimizer update (or none, for a non-finite step) and the step's metrics.
+
+        ``batch`` (the step's own) is re-evaluated with the updated parameters when the
+        aggregator's post-step update wants it (FAMO with ``update_on="same_batch"``)."""
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         if self.optim.sparse_fraction > 0:  # only the masked shared entries (and the heads) move
             shared_u, heads_u, keys = split_shared(updates)
             updates = join(apply_mask(shared_u, state.sparse_mask), heads_u, keys)
         params = optax.apply_updates(state.params, updates)
+        if batch is not None and self.grads.same_batch_update:
+            after, _, _ = self._losses(params, new_rest, batch)
+            agg_state = self.grads.post_update(agg_state, after, present_mask(self.tasks, batch))
         gnorm = optax.tree.norm(grads)
         finite_losses = jnp.isfinite(losses)
         ok = (jnp.all(finite_losses) & jnp.isfinite(gnorm) & jnp.isfinite(aux_loss)
