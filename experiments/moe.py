@@ -1,6 +1,7 @@
 """Task-expert experiments (CPU-sized). Writes experiments/results/moe{,_quick}.md + PNGs.
 
-    python experiments/moe.py            # full (~30-40 min on 2 busy CPU cores)
+    python experiments/moe.py            # full; measured on 2 busy CPU cores: multifashion ×3 seeds
+                                         # ~31 min, balance ×3 seeds ~13 min (finished runs are reused)
     python experiments/moe.py --quick    # smoke run (~5 min)
     python experiments/moe.py --parts synthetic,multifashion,balance --seeds 0,1,2
 
