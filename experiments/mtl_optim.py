@@ -48,8 +48,10 @@ METHODS = {
     "Aligned-MTL": dict(aggregator="aligned_mtl"),
     "UPGrad": dict(aggregator="upgrad"),
     "FAMO": dict(aggregator="famo"),
+    "FAMO (next batch)": dict(aggregator="famo", hparams=dict(update_on="next_batch")),
     "EW + F-MTL": dict(aggregator="ew", fmtl_rho=0.05),
     "EW + sparse 50%": dict(aggregator="ew", sparse_fraction=0.5),
+    "EW + sparse 50% (saliency)": dict(aggregator="ew", sparse_fraction=0.5, sparse_criterion="saliency"),
     "MGDA (repr.)": dict(aggregator="mgda", grad_on="representation"),
     "MGDA (l2, repr.)": dict(aggregator="mgda", hparams=dict(normalize="l2"), grad_on="representation"),
 }
@@ -70,17 +72,20 @@ tasks keep large losses and gradients (after ~50 steps: gradients 8–40×, trai
   `'loss+'`, the solution applied to the normalised gradients as in LibMTL), removes the bias:
   rows *MGDA (l2)*, *MGDA (loss+)*, *MGDA (l2, repr.)*.
 - *FAMO* descends Σ z_t log L_t, so w_t ∝ z_t/L_t: the linear tasks' small losses earn them
-  ~98% of the weight. Its logits would have to spread by log 100 ≈ 4.6 to compensate; they
-  spread ≤ 0.45 in 400 steps. Re-evaluating the same batch after the step for FAMO's logit
-  update (the authors' code; `mtl.train` uses the next batch's losses, which are noisier)
-  roughly halves the damage but does not remove it (diagnose script, mean relative test-MSE
-  change over 3 datasets × 3 seeds: −72..−263% → −28..−145%, EW −9..−41%).
+  most of the weight. Its logits would have to spread by log 100 ≈ 4.6 to compensate. Row
+  *FAMO* (the default, `update_on='same_batch'`, as the authors' code) updates the logits from
+  the same batch re-evaluated after the step; row *FAMO (next batch)* uses the next batch's
+  losses (no extra forward pass, what `mtl.train` did before 2026-11-21): its logits spread
+  ≤ 0.45 in 400 steps, since the batch-to-batch noise swamps the one-step change. The
+  same-batch update halves the damage but does not remove it.
 - Not the cause: MGDA's and FAMO's weights summing to 1 instead of T. With AdamW a common
   factor cancels: EW with w = 1/T and MGDA with w × T train to the same test MSE (4 digits).
 
 Rows *MGDA (l2)*, *MGDA (loss+)* and *MGDA (l2, repr.)* were added on 2026-11-21 (mtl/optim of
-commit 746de6e). The other rows were not re-run: their code paths did not change, and the
-default MGDA computes the same weights as before.
+commit 746de6e). Rows *FAMO*, *FAMO (next batch)*, *CAGrad* (its solver now stops once
+converged), *MGDA (repr.)*, *MGDA (l2, repr.)* (the representation path now takes every
+∂L_t/∂Z in one backward pass) and *EW + sparse 50% (saliency)* were (re-)run on 2026-11-21
+with the code of commit 1441997. The other rows' code paths did not change.
 """
 LABELS = {"multifashion": "MultiFashion", "multitab0": "MultiTab ρ=0", "multitab0.4": "MultiTab ρ=0.4",
           "multitab0.8": "MultiTab ρ=0.8"}
