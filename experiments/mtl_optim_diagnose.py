@@ -15,9 +15,9 @@ MAE and selects the step on validation).
 Diagnostic variants (not library methods):
   ``ew_over_t``       EW with w = 1/T (does the sum of the weights matter?)
   ``mgda_times_t``    MGDA weights × T
-  ``famo_same_batch`` FAMO whose logits are updated from the losses of the *same* batch
-                      after the step (the FAMO authors' code) instead of the next batch's
-                      (``mtl.train``); costs one more forward pass per step.
+
+FAMO: ``famo`` updates its logits from the same batch re-evaluated after the step (the
+library default, as the authors' code), ``famo:update_on=next_batch`` from the next batch.
 
 This is how the MGDA/FAMO collapse on MultiTab in ``results/mtl_optim.md`` was traced.
 """
@@ -41,7 +41,6 @@ from mtl.config import load_config_file, with_defaults  # noqa: E402
 from mtl.data.pipeline import TrainBatches, eval_batches  # noqa: E402
 from mtl.optim import gradient, registry, weighting  # noqa: E402
 from mtl.train.loop import build, load_data  # noqa: E402
-from mtl.train.step import task_losses  # noqa: E402
 
 
 def _scaled(factory, factor, name):
@@ -59,7 +58,6 @@ def _scaled(factory, factor, name):
 VARIANTS = {
     "ew_over_t": _scaled(weighting.ew, lambda t: 1.0 / t, "ew_over_t"),
     "mgda_times_t": _scaled(gradient.mgda, float, "mgda_times_t"),
-    "famo_same_batch": weighting.famo,
 }
 
 
@@ -95,9 +93,6 @@ def run_one(spec, dataset, seed, steps_n, every, runs_root):
     cfg = with_defaults(cfg)
     bundle, infos, train, _ = load_data(cfg)
     steps = build(cfg, bundle, infos)
-    same_batch = name == "famo_same_batch"
-    if same_batch:  # no update from the next batch inside the step; done below instead
-        steps.grads._pre = lambda agg_state, losses, present: agg_state["main"]
     names = [i.name for i in infos]
     state = steps.init()
     batches = TrainBatches(train, cfg.train.batch_size, cfg.data.seed, steps.batch_sharding)
@@ -109,11 +104,6 @@ def run_one(spec, dataset, seed, steps_n, every, runs_root):
         diag = k == 0 or (k + 1) % every == 0
         batch = batches[k]
         state, m = steps.step(state, batch, diagnostics=diag)
-        if same_batch:
-            with steps.activate():
-                after = task_losses(steps.model(state.params, state.rest), batch, steps.tasks)
-            main = steps.grads.agg.update(state.agg_state["main"], losses=after)
-            state = state.replace(agg_state={**state.agg_state, "main": main})
         if not diag:
             continue
         delta = jax.tree.map(jnp.subtract, state.params, before)
