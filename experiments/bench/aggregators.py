@@ -12,7 +12,15 @@ shared parameters (``grad_on=params``) and on the shared representation
 theoretical ratio of a Jacobian method, (1 forward + T backward)/(1 forward + 1 backward),
 with a backward pass costing 2 forwards: (1 + 2T)/3. "within" = measured/theory for the
 Gramian methods; the target is ≤ 1.25 (params), and representation variants far below 1.
-Loss-only methods (RLW, UW, DWA, FAMO) need no Jacobian: their ratio should be ≈ 1.
+Loss-only methods (RLW, UW, DWA, FAMO) need no Jacobian: their ratio should be ≈ 1
+(FAMO re-evaluates the batch after the step: one more forward pass).
+
+``--part stream`` (or ``all``, the default) also times one Gramian method with J kept vs
+streamed (``optim.jacobian``) on a parameter-heavy MLP (8 × 1024 units, batch 32), with
+XLA's temporary-memory size of each compiled step:
+
+    python experiments/bench/aggregators.py --part methods --out experiments/results/mtl_optim_bench.md
+    python experiments/bench/aggregators.py --part stream --out experiments/results/mtl_optim_stream.md
 """
 from __future__ import annotations
 
@@ -39,7 +47,7 @@ from mtl.train.step import Steps
 ENCODERS = {
     "mlp": ((28, 28, 1), 256, dict(hidden=(256, 256))),
     "cnn": ((16, 16, 3), 32, dict(widths=(8, 16, 32), groups=4)),
-    "wide": ((256,), 32, dict(hidden=(1024, 1024, 1024))),
+    "wide": ((256,), 32, dict(hidden=(1024,) * 8)),
 }
 ENCODER_TYPE = {"wide": "mlp"}
 
@@ -88,6 +96,49 @@ def make_batch(enc, t, rng):
             "labels": {f"a{i}": rng.integers(0, 2, batch).astype(np.int32) for i in range(t)}}
 
 
+def methods_table(enc, t, methods, steps, rng):
+    """Time every method (params and representation gradients) against EW; print, return rows."""
+    lines = []
+    batch = make_batch(enc, t, rng)
+    ew = bench(enc, t, "ew", "params", steps, batch)
+    theory = (1 + 2 * t) / 3
+    times = {}
+    for m in methods:
+        gram = "gram" in get_aggregator(m).needs
+        tp = bench(enc, t, m, "params", steps, batch)
+        # loss-only methods take the same path whatever grad_on says: time them once
+        tr = bench(enc, t, m, "representation", steps, batch) if gram else tp
+        times[m] = (gram, tp, tr)
+        print(f"  measured T={t} {m}", flush=True)
+    ew = min(ew, bench(enc, t, "ew", "params", steps, batch))  # EW before and after, the faster
+    print(f"\nT={t}: EW step {ew * 1e3:.2f} ms; theory for a Jacobian method (1+2T)/3 = {theory:.2f}x",
+          flush=True)
+    print(f"  {'method':<12} {'G?':<3} {'params':>8} {'repr':>8} {'theory':>7} {'p/theory':>9} {'r/theory':>9}")
+    for m, (gram, tp, tr) in times.items():
+        rp, rr = tp / ew, tr / ew
+        th = theory if gram else 1.0
+        print(f"  {m:<12} {'y' if gram else 'n':<3} {rp:>7.2f}x {rr:>7.2f}x {th:>6.2f}x {rp / th:>9.2f} "
+              f"{rr / th:>9.2f}", flush=True)
+        lines.append(f"| {t} | {m} | {'yes' if gram else 'no'} | {rp:.2f} | {rr:.2f} | {th:.2f} | "
+                     f"{rp / th:.2f} | {rr / th:.2f} |")
+    return lines
+
+
+def stream_row(t, sm, steps, rng):
+    """J kept vs streamed for method ``sm`` on the "wide" MLP (parameters dominate memory)."""
+    wb = make_batch("wide", t, rng)
+    tew = bench("wide", t, "ew", "params", steps, wb)
+    tk, ts = (bench("wide", t, sm, "params", steps, wb, jacobian=j) for j in ("keep", "stream"))
+    tew = min(tew, bench("wide", t, "ew", "params", steps, wb))
+    mem = {j: step_memory("wide", t, sm, j, wb) / 1e6 for j in ("keep", "stream")}
+    st_theory = (3 + 2 * t) / 3
+    print(f"T={t}, wide MLP, {sm}: EW step {tew * 1e3:.2f} ms; keep {tk / tew:.2f}x, stream {ts / tew:.2f}x "
+          f"(stream theory {st_theory:.2f}x); step temp memory keep {mem['keep']:.1f} MB, stream "
+          f"{mem['stream']:.1f} MB", flush=True)
+    return (f"| {t} | {tk / tew:.2f} | {ts / tew:.2f} | {st_theory:.2f} | {ts / tew / st_theory:.2f} | "
+            f"{mem['keep']:.1f} | {mem['stream']:.1f} |")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", type=int, nargs="+", default=[2, 10, 40])
@@ -96,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="T=2 and 10, 3 methods, 3 steps")
     ap.add_argument("--out", default="")
     ap.add_argument("--encoder", default="mlp", choices=sorted(ENCODERS))
+    ap.add_argument("--part", default="all", choices=("all", "methods", "stream"),
+                    help="the per-method table, the J kept-vs-streamed table, or both")
     ap.add_argument("--stream-method", default="mgda",
                     help="Gramian method timed with optim.jacobian=stream vs keep (time and memory)")
     a = ap.parse_args(argv)
@@ -112,50 +165,25 @@ def main(argv=None):
     stream_lines = ["| T | keep: ratio | stream: ratio | stream theory (1+2(T+1))/3 | stream/theory | "
                     "keep: step temp MB | stream: step temp MB |", "|---|---|---|---|---|---|---|"]
     for t in a.tasks:
-        batch = make_batch(enc, t, rng)
-        ew = bench(enc, t, "ew", "params", a.steps, batch)
-        theory = (1 + 2 * t) / 3
-        times = {}
-        for m in methods:
-            gram = "gram" in get_aggregator(m).needs
-            tp = bench(enc, t, m, "params", a.steps, batch)
-            # loss-only methods take the same path whatever grad_on says: time them once
-            tr = bench(enc, t, m, "representation", a.steps, batch) if gram else tp
-            times[m] = (gram, tp, tr)
-            print(f"  measured T={t} {m}", flush=True)
-        ew = min(ew, bench(enc, t, "ew", "params", a.steps, batch))  # EW before and after, the faster
-        print(f"\nT={t}: EW step {ew * 1e3:.2f} ms; theory for a Jacobian method (1+2T)/3 = {theory:.2f}x",
-              flush=True)
-        print(f"  {'method':<12} {'G?':<3} {'params':>8} {'repr':>8} {'theory':>7} {'p/theory':>9} {'r/theory':>9}")
-        for m, (gram, tp, tr) in times.items():
-            rp, rr = tp / ew, tr / ew
-            th = theory if gram else 1.0
-            print(f"  {m:<12} {'y' if gram else 'n':<3} {rp:>7.2f}x {rr:>7.2f}x {th:>6.2f}x {rp / th:>9.2f} "
-                  f"{rr / th:>9.2f}", flush=True)
-            lines.append(f"| {t} | {m} | {'yes' if gram else 'no'} | {rp:.2f} | {rr:.2f} | {th:.2f} | "
-                         f"{rp / th:.2f} | {rr / th:.2f} |")
-        # J kept vs streamed, on the "wide" MLP (parameters dominate the step's memory)
-        sm, wb = a.stream_method, make_batch("wide", t, rng)
-        tew = bench("wide", t, "ew", "params", a.steps, wb)
-        tk, ts = (bench("wide", t, sm, "params", a.steps, wb, jacobian=j) for j in ("keep", "stream"))
-        tew = min(tew, bench("wide", t, "ew", "params", a.steps, wb))
-        mem = {j: step_memory("wide", t, sm, j, wb) / 1e6 for j in ("keep", "stream")}
-        st_theory = (3 + 2 * t) / 3
-        print(f"  wide MLP, {sm}: keep {tk / tew:.2f}x, stream {ts / tew:.2f}x (stream theory {st_theory:.2f}x); "
-              f"step temp memory keep {mem['keep']:.1f} MB, stream {mem['stream']:.1f} MB", flush=True)
-        stream_lines.append(f"| {t} | {tk / tew:.2f} | {ts / tew:.2f} | {st_theory:.2f} | {ts / tew / st_theory:.2f} | "
-                            f"{mem['keep']:.1f} | {mem['stream']:.1f} |")
+        if a.part in ("all", "methods"):
+            lines += methods_table(enc, t, methods, a.steps, rng)
+        if a.part in ("all", "stream"):
+            stream_lines.append(stream_row(t, a.stream_method, a.steps, rng))
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        parts = []
+        if a.part in ("all", "methods"):
+            parts.append("# Aggregator step time relative to EW (this machine, one run)\n\n"
+                         f"{enc} {ENCODER} on {INPUT}, batch {BATCH}, AdamW, backend "
+                         f"{jax.default_backend()}. theory = (1 forward + T backward)/(1 forward + 1 backward) "
+                         "with backward = 2 forwards, for methods that need G (1 otherwise).\n\n" + "\n".join(lines))
+        if a.part in ("all", "stream"):
+            parts.append(f"# {a.stream_method}: J kept vs streamed (optim.jacobian)\n\nMLP {ENCODERS['wide'][2]} on "
+                         f"{ENCODERS['wide'][0]}, batch {ENCODERS['wide'][1]} (parameters dominate memory), backend "
+                         f"{jax.default_backend()}; step time relative to EW on the same model (min of {a.steps} "
+                         "steps), and XLA's temporary memory of the compiled step.\n\n" + "\n".join(stream_lines))
         with open(a.out, "w") as f:
-            f.write("# Aggregator step time relative to EW (this machine, one run)\n\n"
-                    f"{enc} {ENCODER} on {INPUT}, batch {BATCH}, AdamW, backend "
-                    f"{jax.default_backend()}. theory = (1 forward + T backward)/(1 forward + 1 backward) "
-                    "with backward = 2 forwards, for methods that need G (1 otherwise).\n\n"
-                    + "\n".join(lines) + "\n\n"
-                    f"## {a.stream_method}: J kept vs streamed (optim.jacobian)\n\nMLP {ENCODERS['wide'][2]} on "
-                    f"{ENCODERS['wide'][0]}, batch {ENCODERS['wide'][1]} (parameters dominate memory); step time "
-                    "relative to EW on the same model, and XLA's temporary memory of the compiled step.\n\n" + "\n".join(stream_lines) + "\n")
+            f.write("\n\n".join(parts) + "\n")
         print(f"\nwrote {a.out}")
 
 
