@@ -86,6 +86,49 @@ def test_mmoe_determinism_and_seeds():
     np.testing.assert_array_equal(a.test.inputs, d.test.inputs)
 
 
+def test_mmoe_sine_parameters_fixed_across_seeds():
+    # The paper's alpha, beta are "given parameters": by default a seed changes u, the
+    # samples and the noise but not the label function (before, each seed drew its own).
+    a = mmoe_synthetic(n_train=5, n_test=5, dim=6, seed=0)
+    b = mmoe_synthetic(n_train=5, n_test=5, dim=6, seed=1)
+    np.testing.assert_array_equal(a.meta["alpha"], b.meta["alpha"])
+    np.testing.assert_array_equal(a.meta["beta"], b.meta["beta"])
+    assert not np.allclose(a.meta["u"], b.meta["u"])
+    c = mmoe_synthetic(n_train=5, n_test=5, dim=6, seed=0, sine_seed=1)
+    assert not np.allclose(a.meta["alpha"], c.meta["alpha"])
+    np.testing.assert_array_equal(a.meta["u"], c.meta["u"])  # sine_seed leaves u alone
+
+
+def test_mmoe_sine_seed_none_is_the_per_seed_draw():
+    # sine_seed=None: alpha, beta come after u from the seed's parameter stream
+    # [seed, 0] -- re-derived here with plain numpy (Gram-Schmidt for u).
+    b = mmoe_synthetic(n_train=5, n_test=5, dim=6, num_sines=3, seed=4, sine_seed=None)
+    rng = np.random.default_rng([4, 0])
+    g = rng.standard_normal((6, 2))
+    u1 = g[:, 0] / np.linalg.norm(g[:, 0])
+    u2 = g[:, 1] - (g[:, 1] @ u1) * u1
+    np.testing.assert_allclose(b.meta["u"], np.stack([u1, u2 / np.linalg.norm(u2)]), atol=1e-12)
+    np.testing.assert_array_equal(b.meta["alpha"], rng.standard_normal(3))
+    np.testing.assert_array_equal(b.meta["beta"], rng.standard_normal(3))
+    assert b.meta["sine_seed"] is None
+
+
+def test_mmoe_label_correlation_tracks_p():
+    # Linear case: corr(y1, y2) = p exactly in the population (w1.w2 = p, |w| = 1).
+    for p in (0.2, 0.6, 0.9):
+        b = mmoe_synthetic(n_train=5, n_test=40000, dim=8, correlation=p, num_sines=0, noise=0.0, seed=0)
+        y = np.concatenate([b.test.labels["task1"], b.test.labels["task2"]], 1)
+        assert np.corrcoef(y.T)[0, 1] == pytest.approx(p, abs=0.015)
+    # With the default sines: still monotone in p, from ~0 at p=0 to ~1 at p=1 (Figure 3 of the paper).
+    corr = []
+    for p in (0.0, 0.5, 0.7, 0.9, 1.0):
+        b = mmoe_synthetic(n_train=5, n_test=40000, dim=8, correlation=p, seed=0)
+        y = np.concatenate([b.test.labels["task1"], b.test.labels["task2"]], 1)
+        corr.append(np.corrcoef(y.T)[0, 1])
+    assert abs(corr[0]) < 0.03 and corr[-1] > 0.99
+    assert all(c1 < c2 - 0.1 for c1, c2 in zip(corr[:-1], corr[1:]))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(correlation=1.5), "correlation.*1.5"),
     (dict(correlation=float("nan")), "correlation"),
@@ -95,6 +138,7 @@ def test_mmoe_determinism_and_seeds():
     (dict(noise=-0.1), "noise.*-0.1"),
     (dict(scale=0.0), "scale"),
     (dict(seed=-3), "seed.*-3"),
+    (dict(sine_seed=-1), "sine_seed.*-1"),
 ])
 def test_mmoe_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -100,6 +100,7 @@ def test_mmoe_forward_matches_numpy():
 
 
 @pytest.mark.parametrize("name,kwargs", [
+    ("mmoe", dict(num_experts=3, tower_hidden=(3,))),
     ("one_gate_moe", dict(num_experts=2)),
     ("cgc", dict(num_shared=1, experts_per_task=1)),
     ("ple", dict(num_layers=2, num_shared=1, experts_per_task=1, tower_hidden=(3,))),
@@ -118,6 +119,36 @@ def test_architectures_match_numpy(name, kwargs):
         np.testing.assert_allclose(feats[t], want, rtol=1e-4, atol=1e-5)
     if name == "one_gate_moe":                     # one gate: every task gets the same mixture
         np.testing.assert_allclose(feats["a"], feats["b"])
+
+
+def test_mmoe_gates_are_separate_per_task():
+    """Task t's output depends on gate t only: perturbing another task's gate kernel leaves
+    it unchanged, and its loss has zero gradient on the other gates (no parameter sharing)."""
+    model = build(lambda: build_moe_model("mmoe", TASKS, D, num_experts=3, expert_dim=4, expert_hidden=5,
+                                          rngs=nnx.Rngs(0)))      # no tower ReLU that could hide a change
+    x = jnp.asarray(x_batch(6))
+    base = {k: np.asarray(v) for k, v in model(x).items()}
+    kernel = model.architecture.layers[0].gate_kernel
+    orig = np.asarray(kernel[...])
+    for t, name in enumerate(NAMES):
+        bumped = orig.copy()
+        bumped[t] += np.random.default_rng(t).normal(size=bumped[t].shape)   # change gate t only
+        kernel[...] = jnp.asarray(bumped)
+        out = model(x)
+        for u, other in enumerate(NAMES):
+            if u == t:
+                assert np.abs(np.asarray(out[other]) - base[other]).max() > 1e-4
+            else:
+                np.testing.assert_array_equal(np.asarray(out[other]), base[other])
+        kernel[...] = jnp.asarray(orig)
+
+    def loss(m, name):
+        return jnp.sum(m(x)[name] ** 2)
+
+    for t, name in enumerate(NAMES):
+        g = np.asarray(nnx.grad(loss)(model, name).architecture.layers[0].gate_kernel[...])
+        assert np.abs(g[t]).max() > 0
+        assert np.all(g[np.arange(len(NAMES)) != t] == 0)
 
 
 def visible_sets(layer):
