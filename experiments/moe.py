@@ -46,7 +46,7 @@ def log(msg):
 def pm(values, fmt=".4f"):
     """``mean ± std`` (population std) of a list; a single value prints alone."""
     v = np.asarray(values, float)
-    return f"{v.mean():{fmt}}" if v.size == 1 else f"{v.mean():{fmt}} ± {v.std():{fmt}}"
+    return f"{v.mean():{fmt}}" if v.size == 1 else f"{v.mean():{fmt}} ± {v.std():{fmt.lstrip('+')}}"
 
 
 def load_cfg(name, arg):
@@ -73,10 +73,36 @@ def train(cfg, workdir):
 
 # ----------------------------------------------------------------------------- 1. synthetic
 
+def count_params(cfg):
+    """Parameters of the model a config trains (built abstractly, as the trainer builds it)."""
+    import jax
+    from flax import nnx
+
+    from mtl.data.registry import load_dataset
+    from mtl.nn.build import model_factory
+    from mtl.tasks import Task
+    kw = dict(cfg.data.kwargs, n_train=2, n_test=2)
+    bundle = load_dataset(cfg.data.name, **kw)
+    tasks = [Task.from_info(bundle.task(n), hidden=tuple(cfg.model.head_hidden)) for n in bundle.task_names]
+    factory = model_factory(cfg.model, tasks, bundle.input_shape)
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def label_stats(cfg):
+    """Pearson correlation of the two test labels and their mean variance (the MSE of
+    predicting each label's mean)."""
+    from mtl.data.registry import load_dataset
+    b = load_dataset(cfg.data.name, **dict(cfg.data.kwargs))
+    y = np.concatenate([b.test.labels[t] for t in ("task1", "task2")], 1).astype(np.float64)
+    return float(np.corrcoef(y.T)[0, 1]), float(y.var(0).mean())
+
+
 def synthetic(args, out):
     ps, seeds = ((0.5, 1.0), (0,)) if args.quick else ((0.5, 0.7, 0.9, 1.0), (0, 1, 2))
-    steps = 300 if args.quick else 1000
-    rows = {}
+    rows, params, corr, var = {}, {}, {}, {}
+    steps = None
     for p in ps:
         for seed in seeds:
             for arch in SYN_ARCHS:
@@ -85,21 +111,43 @@ def synthetic(args, out):
                 cfg.data.kwargs.seed = seed
                 cfg.seed = seed
                 cfg.data.seed = seed
-                cfg.train.steps = steps
-                cfg.train.checkpoint_every = steps
+                if args.quick:
+                    cfg.train.steps = 300
+                    cfg.train.checkpoint_every = 300
+                steps = cfg.train.steps
+                if arch not in params:
+                    params[arch] = count_params(cfg)
+                if arch == "shared":
+                    corr[p, seed], var[p, seed] = label_stats(cfg)
                 wd = os.path.join(args.workdir, "synthetic", f"p{p}_s{seed}_{arch}")
                 res = train(cfg, wd)
                 mse = float(np.mean([res["test"][t]["mse"] for t in ("task1", "task2")]))
                 rows.setdefault((arch, p), []).append(mse)
         log(f"synthetic p={p}: " + ", ".join(f"{a}={np.mean(rows[a, p]):.4f}" for a in SYN_ARCHS))
-    lines = ["| model | " + " | ".join(f"p={p}" for p in ps) + " |", "|---|" + "---:|" * len(ps)]
+    head = "| model | params | " + " | ".join(f"p={p}" for p in ps) + " |"
+    lines = [f"{len(seeds)} seeds {list(seeds)} per cell (a seed sets u1, u2, the samples, the noise, the "
+             f"initialisation and the batch order; the sine parameters are fixed, `sine_seed=0`); {steps} steps "
+             "(`configs/moe_synthetic.py`); test MSE, mean of the two tasks, of the validation-selected "
+             "parameters. Label noise variance (the Bayes floor) is 0.01.", "",
+             "| data | " + " | ".join(f"p={p}" for p in ps) + " |", "|---|" + "---:|" * len(ps),
+             "| Pearson corr(y1, y2), test labels | " + " | ".join(pm([corr[p, s] for s in seeds], ".3f") for p in ps)
+             + " |",
+             "| label variance (MSE of predicting the mean) | "
+             + " | ".join(pm([var[p, s] for s in seeds], ".3f") for p in ps) + " |", "",
+             head, "|---|---:|" + "---:|" * len(ps)]
     for a in SYN_ARCHS:
-        lines.append(f"| {a} | " + " | ".join(f"{np.mean(rows[a, p]):.4f} ± {np.std(rows[a, p]):.4f}" for p in ps) + " |")
-    lines += ["", "Gap to shared-bottom (shared − model; positive = model better):", "",
+        lines.append(f"| {a} | {params[a]:,} | " + " | ".join(pm(rows[a, p]) for p in ps) + " |")
+    lines += ["", "Gap to shared-bottom on the same data (shared − model, per seed, then mean ± std over seeds; "
+              "positive = model better):", "",
               "| model | " + " | ".join(f"p={p}" for p in ps) + " |", "|---|" + "---:|" * len(ps)]
     for a in SYN_ARCHS[1:]:
-        lines.append(f"| {a} | " + " | ".join(f"{np.mean(rows['shared', p]) - np.mean(rows[a, p]):+.4f}" for p in ps)
-                     + " |")
+        lines.append(f"| {a} | " + " | ".join(
+            pm(np.asarray(rows["shared", p]) - np.asarray(rows[a, p]), "+.4f") for p in ps) + " |")
+    lines += ["", "Per seed (test MSE):", "", "| model | p | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+              "|---|---:|" + "---:|" * len(seeds)]
+    for a in ("shared", "mmoe"):
+        for p in ps:
+            lines.append(f"| {a} | {p} | " + " | ".join(f"{v:.4f}" for v in rows[a, p]) + " |")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,7 +164,11 @@ def synthetic(args, out):
     png = f"moe_synthetic{'_quick' if args.quick else ''}.png"
     fig.savefig(os.path.join(out, png), dpi=120)
     plt.close(fig)
-    return "\n".join(lines), png, {f"{a}@{p}": rows[a, p] for a, p in rows}
+    raw = {f"{a}@{p}": rows[a, p] for a, p in rows}
+    raw["params"] = params
+    raw["label_corr"] = {f"{p}@{s}": v for (p, s), v in corr.items()}
+    raw["label_var"] = {f"{p}@{s}": v for (p, s), v in var.items()}
+    return "\n".join(lines), png, raw
 
 
 # ----------------------------------------------------------------------------- 2. multifashion
