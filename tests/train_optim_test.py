@@ -420,3 +420,18 @@ def test_streamed_gramian_gives_the_kept_jacobian_update(aggregator):
 def test_stream_with_fmtl_is_rejected():
     with pytest.raises(ValueError, match="stream"):
         Steps(factory, TASKS, sgd1(), one_device(), optim=dict(aggregator="mgda", jacobian="stream", fmtl_rho=0.05))
+
+
+@pytest.mark.parametrize("accum_steps", [1, 2])
+def test_diagnostics_step_applies_the_fixed_loss_weights(accum_steps):
+    """Plain EW with train.loss_weights: a diagnostics step (per-task Jacobian path) applies
+    the same weighted update as an ordinary step, heads included."""
+    b = make_batch(np.random.default_rng(13), 16)
+    params = []
+    for diag in (False, True):
+        steps = Steps(factory, TASKS, sgd1(), one_device(), loss_weights=[3.0, 0.5], accum_steps=accum_steps)
+        state, m = steps.step(steps.init(), steps.put_batch(b), diagnostics=diag)
+        np.testing.assert_allclose(np.asarray(m["weights"]), [3.0, 0.5])
+        params.append(jax.device_get(state.params))
+    for a, c in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
+        np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)

@@ -15,8 +15,9 @@ lives in :mod:`mtl.train.aggregate`; the aggregator's state is part of ``TrainSt
 (``agg_state``, checkpointed with everything else), and so is the fixed sparse-training
 mask (``sparse_mask``; ``()`` when off; with ``optim.sparse_criterion="saliency"`` it is
 chosen on the first step that trains, see ``Steps._sparse_mask``). Plain EW keeps the
-original single-backward path. FAMO's default same-batch update re-evaluates the step's
-batch after the update (one extra forward pass).
+original single-backward path (fixed ``train.loss_weights`` scale EW's weights, also on
+the diagnostics step). FAMO's default same-batch update re-evaluates the step's batch after
+the update (one extra forward pass).
 A second jitted step, ``train_step_diag``, also returns gradient diagnostics (per-task
 gradient norms, pairwise cosines, conflict fraction); the loop calls it every
 ``optim.diagnostics_every`` steps. Both compute the same update.
@@ -51,15 +52,27 @@ by K (else a ValueError naming both). Details:
   later layers (and their routing) can differ from a full-batch step; with no capacity
   limit the pooled accumulated loss and gradient equal the full-batch ones.
 * **Non-parameter state** (``rest``) is threaded through the micro-batches in order.
-* **Aggregators.** Only plain EW (``optim.aggregator="ew"`` with no F-MTL / sparse /
-  Rep-MTL; fixed ``train.loss_weights`` allowed) is supported with K > 1, and it is exact.
-  Every other method weights tasks from the *whole batch's* losses (loss-only methods,
-  whose state also advances once per step) or per-task gradients (Gramian methods: MGDA,
-  PCGrad, CAGrad, ... need G = J Jᵀ of the full-batch Jacobian); aggregating each
-  micro-batch and averaging would be a different method (e.g. MGDA's min-norm point is
-  not linear in J), so ``Steps`` raises a ValueError instead of doing it silently.
-* **Diagnostics** (``train_step_diag``) under accumulation are measured on the first
-  micro-batch (per-task gradients of B/K samples); the update is the accumulated one.
+* **Aggregators: exact for every method** (``TaskGradients.accumulated`` in
+  :mod:`mtl.train.aggregate` holds the passes; this module only dispatches). Plain EW
+  (no diagnostics) is the single scan above. Other methods need the whole batch's losses or
+  per-task gradients before they can weight anything, so they take more passes, each a
+  ``lax.scan`` with one micro-batch's activation memory: loss-only methods (RLW, UW, DWA,
+  FAMO) a forward-only scan for the full-batch losses (not for EW/RLW, whose weights do not
+  read them), then the gradient scan of Σ_t w_t L_t with w fixed; Gramian methods on
+  ``grad_on="params"`` one scan summing the label-share-scaled Jacobian rows (memory of
+  one J, as ``jacobian="keep"`` at K = 1); on ``grad_on="representation"`` a scan
+  accumulating G = Σ_m G_m (rows of Z of different micro-batches are disjoint) and a scan
+  re-running the encoder to pull Σ_t w_t ∂L_t/∂Z back. The aggregator state advances once
+  per step; FAMO's same-batch post update re-evaluates the whole batch by a forward-only
+  scan; the saliency sparse mask is chosen from the whole batch's accumulated gradient.
+  Weights, update and state equal the K = 1 step's up to float rounding. Refused at
+  ``Steps`` construction (a ValueError naming the setting, before a workdir is written):
+  F-MTL (``fmtl_rho > 0``: T more gradients at task-specific perturbed parameters),
+  Rep-MTL (``rep_mtl > 0``: its InfoNCE couples every sample of the batch) and
+  ``jacobian="stream"`` for Gramian methods or with diagnostics (G of a sum of
+  micro-batch Jacobians is not the sum of their Gramians; use ``"keep"``).
+* **Diagnostics** (``train_step_diag``) under accumulation come from the full-batch G (the
+  accumulated Jacobian or representation Gramian), as at K = 1; the update is the same.
 * Non-finite checks see the accumulated losses, aux loss and gradient: a NaN/inf in any
   micro-batch marks the whole step bad (no update), as without accumulation.
 """
@@ -78,7 +91,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtl import sharding as shd
 from mtl.optim.sparse import apply_mask, topk_mask
-from mtl.train.aggregate import OptimSpec, TaskGradients, join, present_mask, split_shared
+from mtl.train.aggregate import OptimSpec, TaskGradients, join, label_shares, present_mask, split_shared
 from mtl.tasks import Task, losses_from_outputs, metric_sums
 
 # key of a micro-batch dict holding routing counts pooled over the step's micro-batches
@@ -126,14 +139,6 @@ class Steps:
         self.accum_steps = int(accum_steps)
         if self.accum_steps < 1:
             raise ValueError(f"accum_steps (train.accum_steps) must be >= 1; got {accum_steps}")
-        if self.accum_steps > 1 and not self.optim.is_plain_ew:
-            raise ValueError(
-                f"train.accum_steps={self.accum_steps} (gradient accumulation) supports only plain EW "
-                f"(optim.aggregator='ew' with fmtl_rho=0, sparse_fraction=0, rep_mtl=0); got "
-                f"aggregator={self.optim.aggregator!r}, fmtl_rho={self.optim.fmtl_rho}, "
-                f"sparse_fraction={self.optim.sparse_fraction}, rep_mtl={self.optim.rep_mtl}. This method "
-                "weights tasks from the whole batch's losses or per-task gradients, which accumulating "
-                "micro-batches cannot reproduce; use train.accum_steps=1 (with a batch that fits).")
         with nnx.use_eager_sharding(False):
             abstract_model = nnx.eval_shape(lambda: factory(nnx.Rngs(self.seed)))
         # pooled global-batch LBL under accumulation (see the module docstring)
@@ -142,7 +147,9 @@ class Steps:
         self.grads = TaskGradients(self.optim, self.tasks, self.graphdef, self._losses,
                                    has_aux=hasattr(abstract_model, "forward_with_aux"),
                                    has_features=all(hasattr(abstract_model, a) for a in
-                                                    ("features", "heads_from_features", "heads")))
+                                                    ("features", "heads_from_features", "heads")),
+                                   loss_weights=None if loss_weights is None else self.loss_weights)
+        self.grads.check_accumulation(self.accum_steps)   # what cannot be exact is refused here
         self.param_shardings = shd.state_shardings(abs_params, mesh, self.rules)
         self._init = jax.jit(self._init_fn)
         with self.activate():
@@ -231,18 +238,13 @@ class Steps:
 
     def _train_step(self, state: TrainState, batch, diagnostics: bool = False):
         agg_state, extras = state.agg_state, {}
-        if self.accum_steps > 1:  # plain EW only (checked in __init__)
-            w = jnp.asarray(self.loss_weights)
-            grads, losses, aux_loss, new_rest = self.accumulated_gradients(state.params, state.rest, batch)
-            total = jnp.sum(w * losses) + aux_loss
-            if diagnostics:  # measured on the first micro-batch; the update stays the accumulated one
-                key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-                first = jax.tree.map(lambda x: x[0], self.split_micro_batches(batch))
-                *_, extras = self.grads(state.params, state.rest, first, state.agg_state, key, state.step,
-                                        diagnostics=True, sparse_mask=None)
-            return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total)
+        k = self.accum_steps
         if self.optim.is_plain_ew and not diagnostics:
             w = jnp.asarray(self.loss_weights)
+            if k > 1:
+                grads, losses, aux_loss, new_rest = self.accumulated_gradients(state.params, state.rest, batch)
+                total = jnp.sum(w * losses) + aux_loss
+                return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total)
 
             def objective(params):
                 losses, aux_loss, new_rest = self._losses(params, state.rest, batch)
@@ -250,25 +252,29 @@ class Steps:
 
             (total, (losses, aux_loss, new_rest)), grads = jax.value_and_grad(objective, has_aux=True)(
                 state.params)
+            return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total, batch)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        mask, prev_mask = None, state.sparse_mask
+        if self.optim.sparse_fraction > 0:
+            state = state.replace(sparse_mask=self._sparse_mask(state, batch))
+            mask = state.sparse_mask
+        if k > 1:  # the aggregator's accumulated step (mtl.train.aggregate.TaskGradients.accumulated)
+            micro = self.split_micro_batches(batch)
+            grads, losses, aux_loss, new_rest, w, agg_state, extras = self.grads.accumulated(
+                state.params, state.rest, micro, state.agg_state, key, state.step,
+                prepare=self._micro_prepare(state.params, state.rest, micro), diagnostics=diagnostics,
+                sparse_mask=mask)
         else:
-            key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-            mask, prev_mask = None, state.sparse_mask
-            if self.optim.sparse_fraction > 0:
-                state = state.replace(sparse_mask=self._sparse_mask(state, batch))
-                mask = state.sparse_mask
             grads, losses, aux_loss, new_rest, w, agg_state, extras = self.grads(
                 state.params, state.rest, batch, state.agg_state, key, state.step,
                 diagnostics=diagnostics, sparse_mask=mask)
-            if self.optim.is_plain_ew:
-                w = jnp.asarray(self.loss_weights) * w
-            total = jnp.sum(jnp.where(jnp.isfinite(w), w, 0.0) * losses) + aux_loss
-            new_state, metrics = self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras,
-                                             total, batch)
-            if mask is not None:  # a non-finite step keeps the previous mask too
-                new_state = new_state.replace(sparse_mask=jax.tree.map(
-                    lambda a, b: jnp.where(metrics["ok"], a, b), new_state.sparse_mask, prev_mask))
-            return new_state, metrics
-        return self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras, total, batch)
+        total = jnp.sum(jnp.where(jnp.isfinite(w), w, 0.0) * losses) + aux_loss
+        new_state, metrics = self._apply(state, grads, losses, aux_loss, new_rest, w, agg_state, extras,
+                                         total, batch)
+        if mask is not None:  # a non-finite step keeps the previous mask too
+            new_state = new_state.replace(sparse_mask=jax.tree.map(
+                lambda a, b: jnp.where(metrics["ok"], a, b), new_state.sparse_mask, prev_mask))
+        return new_state, metrics
 
     def _sparse_mask(self, state, batch):
         """The sparse-training mask for this step. ``"magnitude"``: fixed at init.
@@ -281,7 +287,11 @@ class Steps:
             return state.sparse_mask
 
         def choose():
-            g = jax.grad(lambda p: jnp.sum(self._losses(p, state.rest, batch)[0]))(state.params)
+            if self.accum_steps > 1:  # the whole batch's gradient, accumulated over micro-batches
+                g = self.grads.accumulated_sum_grad(state.params, state.rest, self.split_micro_batches(batch),
+                                                    self._micro_constrain)
+            else:
+                g = jax.grad(lambda p: jnp.sum(self._losses(p, state.rest, batch)[0]))(state.params)
             shared, g_shared = split_shared(state.params)[0], split_shared(g)[0]
             return topk_mask(shared, self.optim.sparse_fraction, "saliency", grads=g_shared)
 
@@ -298,7 +308,11 @@ class Steps:
             updates = join(apply_mask(shared_u, state.sparse_mask), heads_u, keys)
         params = optax.apply_updates(state.params, updates)
         if batch is not None and self.grads.same_batch_update:
-            after, _, _ = self._losses(params, new_rest, batch)
+            if self.accum_steps > 1:  # the whole batch again, forward only, one micro-batch at a time
+                after = self.grads.accumulated_losses(params, new_rest, self.split_micro_batches(batch),
+                                                      self._micro_constrain)
+            else:
+                after, _, _ = self._losses(params, new_rest, batch)
             agg_state = self.grads.post_update(agg_state, after, present_mask(self.tasks, batch))
         gnorm = optax.tree.norm(grads)
         finite_losses = jnp.isfinite(losses)
@@ -349,6 +363,14 @@ class Steps:
     def _micro_constrain(self, mb):
         return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, self.batch_sharding(x.ndim)), mb)
 
+    def _micro_prepare(self, params, rest, micro):
+        """What every micro-batch goes through inside the accumulation scans: the batch
+        sharding constraint, and the pooled routing counts when the model pools them."""
+        if not self.pool_routing:
+            return self._micro_constrain
+        pooled = self.pooled_routing_counts(params, rest, micro)
+        return lambda mb: {**self._micro_constrain(mb), ROUTING_COUNTS: pooled}
+
     def pooled_routing_counts(self, params, rest, micro):
         """Routing counts summed over the micro-batches ``micro`` ([K, B/K, ...]): a
         forward-only scan (no gradient) reading ``aux["routing_counts"]``."""
@@ -368,20 +390,14 @@ class Steps:
         model pools routing counts)."""
         k = self.accum_steps
         micro = self.split_micro_batches(batch)
-        per = jax.tree.leaves(micro)[0].shape[1]
-        masks = micro.get("masks") or {}
-        n = jnp.stack([jnp.sum(masks[t.name].astype(jnp.float32), axis=1) if t.name in masks
-                       else jnp.full((k,), float(per), jnp.float32) for t in self.tasks], axis=1)   # [K, T]
-        scale = n / jnp.maximum(jnp.sum(n, axis=0, keepdims=True), 1.0)
-        pooled = self.pooled_routing_counts(params, rest, micro) if self.pool_routing else None
+        scale, _ = label_shares(self.tasks, micro)
+        prepare = self._micro_prepare(params, rest, micro)
         w = jnp.asarray(self.loss_weights)
 
         def body(carry, xs):
             acc, rest_m = carry
             mb, c = xs
-            mb = self._micro_constrain(mb)
-            if pooled is not None:
-                mb = {**mb, ROUTING_COUNTS: pooled}
+            mb = prepare(mb)
 
             def objective(p):
                 losses, aux_loss, new_rest = self._losses(p, rest_m, mb)
