@@ -11,7 +11,8 @@ start from it and change what they need.
 ``train.accum_steps`` (default 1 = off): gradient accumulation. Each global batch of
 ``train.batch_size`` is split into ``accum_steps`` equal micro-batches processed in turn
 inside the jitted step (a ``lax.scan``; memory of one micro-batch), then one optimizer
-update. Supported with plain EW only (exact, also with partial labels); MoE models with a
+update. Exact for every aggregator (label-count weighted, also with partial labels); F-MTL,
+Rep-MTL and ``optim.jacobian='stream'`` are refused. MoE models with a
 global-batch load-balancing loss pool its statistics over the micro-batches (one extra
 forward per step). See ``mtl/train/step.py``.
 """
@@ -55,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
         "batch_size": 128,        # the global batch of one optimizer step
         "accum_steps": 1,         # gradient accumulation: split each batch into this many equal
                                   # micro-batches run one after another in the step (memory of
-                                  # batch_size/accum_steps; one update). 1 = off. Plain EW only;
+                                  # batch_size/accum_steps; one update). 1 = off. Any
+                                  # aggregator except F-MTL / Rep-MTL / jacobian=stream;
                                   # exact (label-count weighted); pooled MoE LBL (mtl/train/step.py)
         "eval_batch_size": 512,
         "log_every": 50,
