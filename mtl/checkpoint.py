@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import numpy as np

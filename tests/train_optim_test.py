@@ -236,7 +236,7 @@ def test_famo_same_batch_update_matches_the_pure_functions():
     from (losses before, losses of the updated model on the same batch), recomputed here
     with the aggregator's pure functions and an independent forward pass."""
     from mtl.optim import get_aggregator
-    from mtl.train.aggregate import present_mask
+    from mtl.train.grad_tools import present_mask
     from mtl.train.step import task_losses
     rng = np.random.default_rng(12)
     b = make_batch(rng, 16)

@@ -177,7 +177,7 @@ def build_encoder(name: str, input_shape, *, rngs: nnx.Rngs, **kwargs) -> nnx.Mo
     cls = ENCODERS[name]
     try:
         return cls(tuple(input_shape), **kwargs, rngs=rngs)
-    except TypeError as e:
+    except TypeError:
         import inspect
         params = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "rngs", "input_shape")]
         bad = [k for k in kwargs if k not in params]

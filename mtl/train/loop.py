@@ -29,7 +29,6 @@ from mtl.data.pipeline import TrainBatches, eval_batches, split_validation
 from mtl.nn.build import model_factory
 from mtl.tasks import Task
 from mtl.train.optimizer import make_optimizer
-from mtl.train.results import delta_m, format_results_table
 from mtl.train.step import Steps
 
 

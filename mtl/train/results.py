@@ -7,7 +7,7 @@ training. (The task loss is not counted as a metric.)
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
@@ -40,7 +40,7 @@ def format_results_table(results: Mapping, baselines: Mapping | None = None, spl
     tasks = results["tasks"]
     rows = []
     if baselines:
-        rows.append(f"| task | metric | multi-task | single-task | Δ% |")
+        rows.append("| task | metric | multi-task | single-task | Δ% |")
         rows.append("|---|---|---:|---:|---:|")
     else:
         rows.append("| task | metric | multi-task |")

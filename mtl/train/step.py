@@ -91,7 +91,8 @@ from jax.sharding import PartitionSpec as P
 
 from mtl import sharding as shd
 from mtl.optim.sparse import apply_mask, topk_mask
-from mtl.train.aggregate import OptimSpec, TaskGradients, join, label_shares, present_mask, split_shared
+from mtl.train.aggregate import OptimSpec, TaskGradients
+from mtl.train.grad_tools import join, label_shares, present_mask, split_shared
 from mtl.tasks import Task, losses_from_outputs, metric_sums
 
 # key of a micro-batch dict holding routing counts pooled over the step's micro-batches
