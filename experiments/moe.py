@@ -1,7 +1,8 @@
 """Task-expert experiments (CPU-sized). Writes experiments/results/moe{,_quick}.md + PNGs.
 
-    python experiments/moe.py            # full; measured on 2 busy CPU cores: multifashion ×3 seeds
-                                         # ~31 min, balance ×3 seeds ~13 min (finished runs are reused)
+    python experiments/moe.py            # full; measured on 2 busy CPU cores: synthetic (72 runs of
+                                         # 10k steps) ~22 min, multifashion ×3 seeds ~31 min, balance
+                                         # ×3 seeds ~13 min (finished runs are reused)
     python experiments/moe.py --quick    # smoke run (~5 min)
     python experiments/moe.py --parts synthetic,multifashion,balance --seeds 0,1,2
 
@@ -101,7 +102,7 @@ def label_stats(cfg):
 
 def synthetic(args, out):
     ps, seeds = ((0.5, 1.0), (0,)) if args.quick else ((0.5, 0.7, 0.9, 1.0), (0, 1, 2))
-    rows, params, corr, var = {}, {}, {}, {}
+    rows, params, corr, var, corr_old, var_old, train_mse = {}, {}, {}, {}, {}, {}, {}
     steps = None
     for p in ps:
         for seed in seeds:
@@ -119,10 +120,18 @@ def synthetic(args, out):
                     params[arch] = count_params(cfg)
                 if arch == "shared":
                     corr[p, seed], var[p, seed] = label_stats(cfg)
+                    old = cfg.copy_and_resolve_references()
+                    old.data.kwargs.sine_seed = None      # the generator before: sines drawn per seed
+                    corr_old[p, seed], var_old[p, seed] = label_stats(old)
                 wd = os.path.join(args.workdir, "synthetic", f"p{p}_s{seed}_{arch}")
                 res = train(cfg, wd)
                 mse = float(np.mean([res["test"][t]["mse"] for t in ("task1", "task2")]))
                 rows.setdefault((arch, p), []).append(mse)
+                with open(os.path.join(wd, "metrics.jsonl")) as f:
+                    logged = [json.loads(line) for line in f]
+                tail = [np.mean(list(r["losses"].values())) for r in logged
+                        if r.get("split") == "train" and r["step"] > steps - 2000]
+                train_mse.setdefault(arch, []).append(float(np.mean(tail)))
         log(f"synthetic p={p}: " + ", ".join(f"{a}={np.mean(rows[a, p]):.4f}" for a in SYN_ARCHS))
     head = "| model | params | " + " | ".join(f"p={p}" for p in ps) + " |"
     lines = [f"{len(seeds)} seeds {list(seeds)} per cell (a seed sets u1, u2, the samples, the noise, the "
@@ -133,7 +142,11 @@ def synthetic(args, out):
              "| Pearson corr(y1, y2), test labels | " + " | ".join(pm([corr[p, s] for s in seeds], ".3f") for p in ps)
              + " |",
              "| label variance (MSE of predicting the mean) | "
-             + " | ".join(pm([var[p, s] for s in seeds], ".3f") for p in ps) + " |", "",
+             + " | ".join(pm([var[p, s] for s in seeds], ".3f") for p in ps) + " |",
+             "| *before: sines drawn per seed* (`sine_seed=None`): Pearson corr | "
+             + " | ".join(pm([corr_old[p, s] for s in seeds], ".3f") for p in ps) + " |",
+             "| *before*: label variance | " + " | ".join(pm([var_old[p, s] for s in seeds], ".3f") for p in ps)
+             + " |", "",
              head, "|---|---:|" + "---:|" * len(ps)]
     for a in SYN_ARCHS:
         lines.append(f"| {a} | {params[a]:,} | " + " | ".join(pm(rows[a, p]) for p in ps) + " |")
@@ -143,6 +156,35 @@ def synthetic(args, out):
     for a in SYN_ARCHS[1:]:
         lines.append(f"| {a} | " + " | ".join(
             pm(np.asarray(rows["shared", p]) - np.asarray(rows[a, p]), "+.4f") for p in ps) + " |")
+    lo, hi = ps[0], ps[-1]
+    gap = {p: np.asarray(rows["shared", p]) - np.asarray(rows["mmoe", p]) for p in ps}
+    diff = gap[lo].mean() - gap[hi].mean()
+    spread = max(gap[lo].std(), gap[hi].std())
+    trend = ("cannot be compared with one seed" if len(seeds) < 2 else
+             "grows as the tasks become less related" if diff > 2 * spread else
+             "shrinks as the tasks become less related" if diff < -2 * spread else
+             "does not change with p beyond the spread over seeds")
+    span = {a: max(np.mean(rows[a, p]) for p in ps) - min(np.mean(rows[a, p]) for p in ps) for a in SYN_ARCHS}
+    better = [a for a in SYN_ARCHS[1:] if all(np.mean(rows[a, p]) < np.mean(rows["shared", p]) for p in ps)]
+    lines += ["", f"Reading: MMoE's gain over shared-bottom (shared − MMoE) is {pm(gap[lo], '+.4f')} at p={lo} and "
+              f"{pm(gap[hi], '+.4f')} at p={hi}: it {trend}. Across p the mean test MSE of each model moves by at "
+              "most " + ", ".join(f"{a} {span[a]:.4f}" for a in SYN_ARCHS) + ". Better than shared-bottom at every p: "
+              + (", ".join(better) or "none") + ". Training MSE (last 2,000 steps' logged batches, mean over all "
+              "cells) vs test MSE: " + ", ".join(f"{a} {np.mean(train_mse[a]):.4f} vs "
+                                              f"{np.mean([np.mean(rows[a, p]) for p in ps]):.4f}" for a in SYN_ARCHS)
+              + "."]
+    if not args.quick:
+        lines[-1] += (" The label noise is tiny (variance 0.01), so at p=1 the second task's labels add almost "
+                      "no information, and at p<1 the shared bottom still fits both tasks' training labels; the "
+                      "gap between training and test MSE suggests the limit is generalisation from 7,200 "
+                      "examples rather than task conflict.")
+        lines += ["", "Changes from the previous version of this table (commit 19fa6e5): the runs were 1,000 "
+                  "steps with the cosine schedule reaching 0 while validation loss was still falling, lr 3e-3; the "
+                  "shared bottom (100-64-16, towers 16) had half MMoE's parameters; and each seed drew its own sine "
+                  "parameters, so seeds differed in label variance, mean and correlation (rows *before* above); "
+                  "that is where the large std over seeds came from (seed 2 was the easiest for every model at "
+                  "every p). The MMoE, gate and tower implementation was checked against numpy "
+                  "(tests/moe_architectures_test.py) and is unchanged."]
     lines += ["", "Per seed (test MSE):", "", "| model | p | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|---:|" + "---:|" * len(seeds)]
     for a in ("shared", "mmoe"):
