@@ -158,8 +158,9 @@ def main(argv=None):
         a.tasks, a.steps, a.methods = [2, 10], 3, ["ew", "famo", "mgda"]
     methods = [m for m in a.methods if m != "ew"]
     rng = np.random.default_rng(0)
-    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); {enc} {ENCODER} on "
-          f"{INPUT}, batch {BATCH}, AdamW; min of {a.steps} steps", flush=True)
+    shown = "wide" if a.part == "stream" else enc
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); {shown} {ENCODERS[shown][2]} on "
+          f"{ENCODERS[shown][0]}, batch {ENCODERS[shown][1]}, AdamW; min of {a.steps} steps", flush=True)
     lines = ["| T | method | needs G | ratio params | ratio repr | theory | params/theory | repr/theory |",
              "|---|---|---|---|---|---|---|---|"]
     stream_lines = ["| T | keep: ratio | stream: ratio | stream theory (1+2(T+1))/3 | stream/theory | "
