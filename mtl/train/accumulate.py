@@ -30,6 +30,24 @@ from mtl.tasks import losses_from_outputs
 from mtl.train.grad_tools import join, label_shares, per_task_pullbacks, scale_grad, split_shared
 
 
+def scan_grads(objective, params, rest, micro, shares, prepare):
+    """Σ over micro-batches of ∇_params ``objective(p, rest_m, mb, share_m)``, one micro-batch's
+    activations at a time (``lax.scan``). ``objective`` returns ``(value, (losses [T], aux,
+    new_rest))``; ``prepare`` is applied to each micro-batch first and the non-parameter
+    state is threaded through in order. Returns (grads, losses [K, T], aux [K], new_rest)."""
+    def body(carry, xs):
+        acc, rest_m = carry
+        mb, c = xs
+        mb = prepare(mb)
+        (_, (losses, aux, new_rest)), g = jax.value_and_grad(
+            lambda p: objective(p, rest_m, mb, c), has_aux=True)(params)
+        return (jax.tree.map(jnp.add, acc, g), new_rest), (losses, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, new_rest), (lm, am) = jax.lax.scan(body, (zeros, rest), (micro, shares))
+    return grads, lm, am, new_rest
+
+
 class Accumulation:
     """The K-micro-batch entry points of :class:`~mtl.train.aggregate.TaskGradients`."""
 
@@ -106,19 +124,11 @@ class Accumulation:
         prepare = prepare or (lambda mb: mb)
         shares, _ = label_shares(self.tasks, micro)
 
-        def body(carry, xs):
-            acc, rest_m = carry
-            mb, c = xs
+        def objective(p, rest_m, mb, c):
+            losses, aux, new_rest = self.losses_fn(p, rest_m, mb)
+            return jnp.sum(c * losses), (losses, aux, new_rest)
 
-            def f(p):
-                losses, _, new_rest = self.losses_fn(p, rest_m, prepare(mb))
-                return jnp.sum(c * losses), new_rest
-
-            g, new_rest = jax.grad(f, has_aux=True)(params)
-            return (jax.tree.map(jnp.add, acc, g), new_rest), None
-
-        (g, _), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), rest), (micro, shares))
-        return g
+        return scan_grads(objective, params, rest, micro, shares, prepare)[0]
 
     def _acc_loss_only(self, params, rest, micro, shares, present, agg_state, key, step, prepare):
         k = shares.shape[0]
@@ -132,27 +142,18 @@ class Accumulation:
                                         present=present)
         ws = jax.lax.stop_gradient(jnp.where(jnp.isfinite(w), w, 0.0))
 
-        def body(carry, xs):
-            acc, rest_m = carry
-            mb, c = xs
-            mb = prepare(mb)
+        def objective(p, rest_m, mb, c):
+            if plain_heads:  # heads: own unweighted loss; encoder: w_t times it
+                model = nnx.merge(self.graphdef, p, rest_m)
+                z = model.features(mb["inputs"])
+                outs = {t.name: model.heads[t.name](scale_grad(z, ws[i])) for i, t in enumerate(self.tasks)}
+                losses = losses_from_outputs(self.tasks, outs, mb)
+                new_rest = nnx.split(model, nnx.Param, ...)[2]
+                return jnp.sum(c * losses), (losses, jnp.zeros((), jnp.float32), new_rest)
+            losses, aux, new_rest = self.losses_fn(p, rest_m, mb)
+            return jnp.sum(ws * c * losses) + aux / k, (losses, aux, new_rest)
 
-            def objective(p):
-                if plain_heads:  # heads: own unweighted loss; encoder: w_t times it
-                    model = nnx.merge(self.graphdef, p, rest_m)
-                    z = model.features(mb["inputs"])
-                    outs = {t.name: model.heads[t.name](scale_grad(z, ws[i])) for i, t in enumerate(self.tasks)}
-                    losses = losses_from_outputs(self.tasks, outs, mb)
-                    new_rest = nnx.split(model, nnx.Param, ...)[2]
-                    return jnp.sum(c * losses), (losses, jnp.zeros((), jnp.float32), new_rest)
-                losses, aux, new_rest = self.losses_fn(p, rest_m, mb)
-                return jnp.sum(ws * c * losses) + aux / k, (losses, aux, new_rest)
-
-            (_, (losses, aux, new_rest)), g = jax.value_and_grad(objective, has_aux=True)(params)
-            return (jax.tree.map(jnp.add, acc, g), new_rest), (losses, aux)
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, new_rest), (lm, am) = jax.lax.scan(body, (zeros, rest), (micro, shares))
+        grads, lm, am, new_rest = scan_grads(objective, params, rest, micro, shares, prepare)
         losses = jnp.sum(shares * lm, axis=0)
         return grads, losses, jnp.mean(am), new_rest, w, {**agg_state, "main": new_main}, {}
 

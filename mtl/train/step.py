@@ -91,6 +91,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtl import sharding as shd
 from mtl.optim.sparse import apply_mask, topk_mask
+from mtl.train.accumulate import scan_grads
 from mtl.train.aggregate import OptimSpec, TaskGradients
 from mtl.train.grad_tools import join, label_shares, present_mask, split_shared
 from mtl.tasks import Task, losses_from_outputs, metric_sums
@@ -395,21 +396,11 @@ class Steps:
         prepare = self._micro_prepare(params, rest, micro)
         w = jnp.asarray(self.loss_weights)
 
-        def body(carry, xs):
-            acc, rest_m = carry
-            mb, c = xs
-            mb = prepare(mb)
+        def objective(p, rest_m, mb, c):
+            losses, aux_loss, new_rest = self._losses(p, rest_m, mb)
+            return jnp.sum(w * c * losses) + aux_loss / k, (losses, aux_loss, new_rest)
 
-            def objective(p):
-                losses, aux_loss, new_rest = self._losses(p, rest_m, mb)
-                return jnp.sum(w * c * losses) + aux_loss / k, (losses, aux_loss, new_rest)
-
-            (_, (losses, aux_loss, new_rest)), g = jax.value_and_grad(objective, has_aux=True)(params)
-            acc = jax.tree.map(jnp.add, acc, g)
-            return (acc, new_rest), (losses, aux_loss)
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, new_rest), (losses_m, aux_m) = jax.lax.scan(body, (zeros, rest), (micro, scale))
+        grads, losses_m, aux_m, new_rest = scan_grads(objective, params, rest, micro, scale, prepare)
         return grads, jnp.sum(scale * losses_m, axis=0), jnp.mean(aux_m), new_rest
 
     # ------------------------------------------------------------------ public API
