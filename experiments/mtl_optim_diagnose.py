@@ -7,7 +7,8 @@ Each method is ``name`` or ``name:key=value,...`` (aggregator hyper-parameters),
 with the same config as ``experiments/mtl_optim.py`` (``configs/mtl_optim.py``). Every
 ``--every`` steps it prints the weights, the per-task training losses, the norm of the
 parameter update of the shared encoder and of the heads, and the per-task gradient
-norms on the shared parameters (FAMO: also its logits ξ). At the end: each task's test
+norms on the shared parameters (FAMO: also its logits ξ; plain MGDA: the largest
+difference between its weights and an independent SLSQP solve of the step's Gramian). At the end: each task's test
 MSE and its change relative to the single-task baseline of ``experiments/mtl_optim.py``
 (if that sweep has run; last step, MSE only — not the table's Δm, which also averages
 MAE and selects the step on validation).
@@ -83,6 +84,16 @@ def norm(tree, heads: bool):
     return float(jnp.sqrt(sum(sq))) if sq else 0.0
 
 
+def slsqp_min_norm(gram):
+    """argmin_{w ∈ simplex} wᵀ G w by scipy's SLSQP: an independent check of MGDA's weights."""
+    from scipy.optimize import minimize
+    t = gram.shape[0]
+    res = minimize(lambda w: w @ gram @ w, np.full(t, 1.0 / t), jac=lambda w: 2 * gram @ w, method="SLSQP",
+                   bounds=[(0, 1)] * t, constraints=({"type": "eq", "fun": lambda w: np.sum(w) - 1},),
+                   options={"ftol": 1e-12, "maxiter": 500})
+    return res.x
+
+
 def run_one(spec, dataset, seed, steps_n, every, runs_root):
     name, hp = parse(spec)
     registry.AGGREGATORS.update({k: v for k, v in VARIANTS.items() if k not in registry.AGGREGATORS})
@@ -113,6 +124,11 @@ def run_one(spec, dataset, seed, steps_n, every, runs_root):
         extra = ""
         if name.startswith("famo"):
             extra = " | ξ " + " ".join(f"{x:+.2f}" for x in np.asarray(state.agg_state["main"][0]))
+        if name == "mgda" and hp.get("normalize", "none") == "none" and "cosines" in m:
+            # the logged Gramian (norms and cosines of the step) solved independently
+            n = np.asarray(gn, np.float64)
+            w_ref = slsqp_min_norm(np.asarray(m["cosines"], np.float64) * np.outer(n, n))
+            extra += f" | max |w - w_SLSQP| {np.max(np.abs(np.asarray(m['weights']) - w_ref)):.1e}"
         print(f"{k + 1:>5} | {f(m['weights'])} | {f(m['losses'])} | {norm(delta, False):8.2e} "
               f"{norm(delta, True):8.2e} | {f(gn)}{extra}", flush=True)
     test = steps.evaluate(state, eval_batches(bundle.test, 500, steps.batch_sharding))
