@@ -86,7 +86,7 @@ def test_expert_count_must_divide():
               "b_down": jnp.zeros((6, 6))}
     with pytest.raises(ValueError, match=r"6 experts cannot be split over the mesh's 'expert' axis of size 4"):
         expert_parallel_ffn(x, jnp.zeros((32, 2)), idx, params, num_experts=6, capacity=8, mesh=m)
-    # a token count that does not divide the token shards is padded (tests/moe_padding_test.py)
+    # a token count that does not divide the token shards is padded (test_non_divisible_token_count_equals_dense)
     with pytest.raises(ValueError, match="unknown MoE impl 'ragged'"):
         SparseMoE(6, 12, 8, impl="ragged", rngs=nnx.Rngs(0))
 
