@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
         "name": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_steps": 0,
         "weight_decay": 1e-4, "momentum": 0.9, "grad_clip": 0.0,
     })
-    # multi-task optimisation (mtl.optim aggregators inside the train step; mtl/train/aggregate.py)
+    # multi-task optimisation (mtl.optim aggregators inside the train step; mtl/train/routes/)
     c.optim = ml_collections.ConfigDict({
         "aggregator": "ew",       # ew rlw uw dwa gradnorm famo mgda pcgrad cagrad imtl_g nash_mtl
                                   # aligned_mtl upgrad dualproj (mtl.optim.AGGREGATORS)
@@ -187,7 +187,7 @@ def _check_values(cfg) -> None:
                          "gradient accumulation splits each batch into equal micro-batches; make the batch "
                          "size a multiple of accum_steps")
     if "optim" in cfg:
-        from mtl.train.aggregate import OptimSpec
+        from mtl.train.spec import OptimSpec
 
         OptimSpec.from_config(cfg.optim)  # unknown aggregator: lists the valid names
 

@@ -362,7 +362,7 @@ def test_nan_with_a_jacobian_method_names_task(tmp_path, monkeypatch):
 
 
 def test_rep_mtl_penalty_matches_numpy_and_enters_the_update():
-    from mtl.train.aggregate import rep_mtl_penalty
+    from mtl.train.routes import rep_mtl_penalty
     rng = np.random.default_rng(6)
     sal = rng.normal(size=(3, 5, 4)).astype(np.float32)
     present = np.array([True, True, False])

@@ -1,6 +1,6 @@
 """Building blocks of per-task gradients: splitting parameters into shared and head parts,
 which tasks a batch (or each micro-batch) labels, a gradient-scaling identity, and the
-rows of a Jacobian by ordinary backward passes. Used by :mod:`mtl.train.aggregate`,
+rows of a Jacobian by ordinary backward passes. Used by :mod:`mtl.train.routes`,
 :mod:`mtl.train.accumulate` and the train step."""
 from __future__ import annotations
 
