@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mtl.nn import taps
 from mtl.sharding import constrain
 
 default_kernel_init = nnx.initializers.lecun_normal()
@@ -18,9 +19,10 @@ zeros = nnx.initializers.zeros_init()
 
 
 def dense(in_features: int, out_features: int, names=("embed", "mlp"), *, rngs: nnx.Rngs,
-          use_bias: bool = True, kernel_init=default_kernel_init, dtype=None) -> nnx.Linear:
-    """``nnx.Linear`` whose kernel is annotated ``names`` and bias ``names[1:]``."""
-    return nnx.Linear(
+          use_bias: bool = True, kernel_init=default_kernel_init, dtype=None) -> taps.Linear:
+    """``nnx.Linear`` whose kernel is annotated ``names`` and bias ``names[1:]`` (tapped for
+    the Jacobian-free Gramian, :mod:`mtl.nn.taps`)."""
+    return taps.Linear(
         in_features, out_features, use_bias=use_bias, dtype=dtype,
         kernel_init=nnx.with_partitioning(kernel_init, tuple(names)),
         bias_init=nnx.with_partitioning(zeros, tuple(names[1:])),
@@ -72,9 +74,9 @@ class Attention(nnx.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         init = nnx.with_partitioning(default_kernel_init, ("embed", "heads", "kv"))
-        self.qkv = nnx.LinearGeneral(dim, (3 * num_heads, self.head_dim), kernel_init=init,
+        self.qkv = taps.LinearGeneral(dim, (3 * num_heads, self.head_dim), kernel_init=init,
                                      bias_init=nnx.with_partitioning(zeros, ("heads", "kv")), rngs=rngs)
-        self.out = nnx.LinearGeneral((num_heads, self.head_dim), dim, axis=(-2, -1),
+        self.out = taps.LinearGeneral((num_heads, self.head_dim), dim, axis=(-2, -1),
                                      kernel_init=nnx.with_partitioning(default_kernel_init, ("heads", "kv", "embed")),
                                      bias_init=nnx.with_partitioning(zeros, ("embed",)), rngs=rngs)
 

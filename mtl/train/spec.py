@@ -10,7 +10,7 @@ import dataclasses
 from mtl.optim import get_aggregator
 
 GRAD_ON = ("params", "representation")
-JACOBIAN = ("keep", "stream")
+JACOBIAN = ("keep", "stream", "gram")
 HEAD_GRADS = ("plain", "weighted")
 SPARSE_CRITERIA = ("magnitude", "saliency")
 
@@ -54,6 +54,9 @@ class OptimSpec:
         if self.jacobian != "keep" and self.fmtl_rho > 0:
             raise ValueError(f"optim.jacobian={self.jacobian!r} does not keep the per-task gradients that F-MTL "
                              "(optim.fmtl_rho > 0) perturbs along; use optim.jacobian='keep'")
+        if self.jacobian == "gram" and self.sparse_fraction > 0:
+            raise ValueError("optim.jacobian='gram' never forms the per-task parameter gradients that sparse "
+                             "training (optim.sparse_fraction > 0) masks; use optim.jacobian='keep' or 'stream'")
         if self.head_grads not in HEAD_GRADS:
             raise ValueError(f"optim.head_grads must be one of {HEAD_GRADS}; got {self.head_grads!r}")
         if self.sparse_criterion not in SPARSE_CRITERIA:

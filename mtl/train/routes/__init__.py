@@ -7,6 +7,7 @@ route                         when (``config.optim``)
 :class:`LossOnly`             weights from losses only (RLW, UW, DWA, FAMO, EW + sparse)
 :class:`ParamJacobian`        Gramian methods / diagnostics, ``grad_on="params"``
 :class:`StreamedJacobian`     same, ``jacobian="stream"`` (G without keeping J)
+:class:`BatchGramian`         same, ``jacobian="gram"`` (G from layer inputs and cotangents)
 :class:`Representation`       ``grad_on="representation"`` (G on the shared representation)
 ============================  =============================================================
 
@@ -16,11 +17,12 @@ Every route is ``route(inp: StepInputs, weigh) -> RouteOut`` (:mod:`.base`);
 from __future__ import annotations
 
 from mtl.train.routes.base import RouteOut, StepInputs, masked
+from mtl.train.routes.batch_gram import BatchGramian
 from mtl.train.routes.jacobian import ParamJacobian, StreamedJacobian
 from mtl.train.routes.loss_only import FixedWeights, LossOnly
 from mtl.train.routes.representation import Representation, rep_mtl_penalty
 
-__all__ = ["FixedWeights", "LossOnly", "ParamJacobian", "Representation", "RouteOut", "StepInputs",
+__all__ = ["BatchGramian", "FixedWeights", "LossOnly", "ParamJacobian", "Representation", "RouteOut", "StepInputs",
            "StreamedJacobian", "builds_gram", "make_route", "masked", "rep_mtl_penalty"]
 
 
@@ -42,4 +44,6 @@ def make_route(spec, weigh, forward, *, diagnostics: bool = False, loss_weights=
         return Representation(forward, rep_mtl=spec.rep_mtl)
     if spec.jacobian == "stream":
         return StreamedJacobian(forward)
+    if spec.jacobian == "gram":
+        return BatchGramian(forward)
     return ParamJacobian(forward, fmtl_rho=spec.fmtl_rho)
