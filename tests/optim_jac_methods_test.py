@@ -253,3 +253,41 @@ def test_jac_protocol_errors_name_the_fix():
     with pytest.raises(ValueError) as err:
         mo.get_aggregator("mocoo")
     assert "moco" in str(err.value) and "trimmed_mean" in str(err.value)
+
+
+def _degenerate_jacs():
+    j = _jac(9, 4, 6).astype(np.float32)
+    zero_row, opposite = j.copy(), j.copy()
+    zero_row[2] = 0
+    opposite[1] = -opposite[0]
+    return {"all_zero": np.zeros_like(j), "identical": np.tile(j[:1], (4, 1)),
+            "one_zero": zero_row, "opposite": opposite,
+            "huge_scale": j * np.array([1e5, 1e-5, 1.0, 1.0], np.float32)[:, None],
+            "tiny": j * 1e-18}
+
+
+@pytest.mark.parametrize("name", JAC_NAMES)
+def test_jac_methods_finite_on_degenerate_jacobians(name):
+    agg = mo.get_aggregator(name)
+    fn = jax.jit(agg.combine)
+    for label, j in _degenerate_jacs().items():
+        state = agg.init(4, like=jnp.zeros(6))
+        for call in range(2):
+            d, state = fn(state, jac=jnp.asarray(j), losses=jnp.array([1.0, 2.0, 0.5, 3.0]),
+                          key=jax.random.key(call))
+            assert np.isfinite(np.asarray(d)).all(), (name, label, call)
+            assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state)
+                       if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)), (name, label)
+
+
+@pytest.mark.parametrize("name", ["moco", "db_mtl", "excess_mtl"])
+def test_single_task_direction_is_a_positive_multiple_of_the_gradient(name):
+    with jax.enable_x64(True):
+        g = _jac(10, 1, 5)
+        (d1, d2), _ = _run(mo.get_aggregator(name),
+                           [dict(jac=jnp.asarray(g), losses=jnp.array([0.7]))] * 2, 1,
+                           like=jnp.zeros(5))
+        for d in (d1, d2):
+            c = d @ g[0] / (g[0] @ g[0])
+            assert c > 0
+            np.testing.assert_allclose(d, c * g[0], rtol=1e-10)
