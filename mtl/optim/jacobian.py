@@ -44,17 +44,18 @@ def graddrop(leak=0.0, batch_axis: int | None = None):
     """Gradient sign dropout (Chen et al., NeurIPS 2020, Algorithm 1).
 
     Per element: G_t = J_t (times sign(activation) when ``activation`` is
-    passed, the paper's sgn(A)∘∇_A L_t for a layer after an activation A),
-    summed over ``batch_axis`` of a row if given (the paper's batch-separated
-    variant and LibMTL's, which sums over the batch of the representation and
-    multiplies by the representation's sign); P = ½(1 + Σ_t G_t/(Σ_t |G_t| +
+    passed: sgn(A)∘∇_A L_t for the gradient at an activation A, as LibMTL's
+    ``GradDrop.py`` does with the representation), summed over ``batch_axis``
+    of a row if given (LibMTL sums over the representation's batch axis, so one
+    mask per feature is shared by all samples); P = ½(1 + Σ_t G_t/(Σ_t |G_t| +
     1e-7)), U ~ Uniform(0, 1) per element of P; M_t = [P > U][G_t > 0] +
     [P < U][G_t < 0] (broadcast over the batch axis); direction
     Σ_t (ℓ_t + (1 − ℓ_t) M_t) J_t, ℓ = ``leak`` (a float or one per task;
     0 as LibMTL and TorchJD). Without ``activation`` and ``batch_axis`` it is
-    TorchJD's ``GradDrop`` (f = identity) applied to J's rows. On the
-    representation route, ``jac`` is the per-task gradient of the shared
-    representation and the direction is its cotangent. T = 1: d = J_1.
+    TorchJD's ``GradDrop`` (f = identity) applied to J's rows; with
+    ``activation=Z`` and ``batch_axis=0`` on the representation route it is
+    LibMTL's (there ``jac`` is the per-task gradient of the shared
+    representation Z and the direction is Z's cotangent). T = 1: d = J_1.
     """
     leaks = (float(leak),) if jnp.ndim(jnp.asarray(leak)) == 0 else tuple(map(float, leak))
 
