@@ -14,7 +14,8 @@ names — passing more is harmless):
 - ``gram``  (T, T): Gramian G = J Jᵀ of the per-task gradients on the shared
   parameters (``gramian(jac)`` builds it from a stacked pytree).
 - ``jac``   (T, P) array or pytree with leading axis T: used only to build
-  ``gram`` when ``gram`` is not given. No method needs J itself.
+  ``gram`` when ``gram`` is not given. No method of this protocol needs J
+  itself (those that do are :class:`JacAggregator`, at the end of this module).
 - ``losses`` (T,): this step's per-task losses (values, no gradient needed).
 - ``key``: a PRNG key (RLW, PCGrad).
 - ``step``: the global step; accepted for uniformity, every method keeps its
@@ -257,3 +258,140 @@ def make_optimizer(name: str, lr: float, weight_decay: float = 0.0):
     if weight_decay:
         opt = optax.chain(optax.add_decayed_weights(weight_decay), opt)
     return opt
+
+
+# ------------------------------------------------ methods that need J itself --
+#
+# A few methods read the Jacobian element by element (per coordinate or per
+# activation), or keep per-task gradients in their state (momentum, AdaGrad-
+# style accumulators); no (T, T) summary of J is enough for them. They follow a
+# second, additive protocol; every method above is untouched::
+#
+#     state = agg.init(num_tasks, like=shared_params)   # like: one task's gradient shapes
+#     d, state = agg.combine(state, jac=J, losses=L, key=k, present=m)
+#     ... apply d (a pytree shaped like ONE task's gradient, no leading T) as the
+#         shared parameters' (or the representation's) gradient ...
+#
+# ``"jac" in agg.needs`` tells the trainer which protocol a method follows.
+# ``jac``: a pytree whose leaves have leading axis T (task t's gradient in row
+# t), on the shared parameters or, for GradDrop, on a shared representation
+# (then d is that representation's cotangent, to backpropagate through the
+# encoder). ``like``: a pytree of arrays or ``jax.ShapeDtypeStruct`` shaped like
+# one row of J (the shared parameters themselves will do); only methods whose
+# state holds per-task gradients read it. ``activation``: optional, the
+# representation itself (same shapes as one row of J; GradDrop only).
+# Same rules as above: absent tasks (``present``) contribute nothing and keep
+# their state; a non-finite value in a present task's row of J (or its loss,
+# when "losses" is needed, or the activation when given) gives an all-NaN
+# direction and the state unchanged; ``combine`` is called once per step.
+
+JAC_NEEDS = frozenset({"jac", "losses", "key"})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class JacAggregator:
+    """A method that combines the Jacobian itself (see the comment above).
+
+    ``init(num_tasks, like=None)`` raises ValueError for a number of tasks the
+    method cannot handle; ``combine(state, *, jac, losses=None, key=None,
+    step=None, present=None, activation=None) -> (direction, state)``."""
+
+    name: str
+    needs: frozenset
+    init: Callable[..., Any]
+    combine: Callable[..., tuple[Any, Any]]
+    hparams: dict
+    post_step: bool = False
+
+
+class JacInputs(NamedTuple):
+    """What a J-method's core sees: absent tasks' rows of ``jac`` are zeroed,
+    ``mask`` is float (T,)."""
+
+    num_tasks: int
+    jac: Any
+    losses: jax.Array | None
+    key: jax.Array | None
+    step: Any
+    mask: jax.Array
+    activation: Any
+
+
+def tree_zeros_rows(num_tasks: int, like):
+    """Zeros with a leading task axis T for every leaf of ``like`` (arrays or
+    ShapeDtypeStructs shaped like one task's gradient)."""
+    return jax.tree.map(lambda a: jnp.zeros((num_tasks,) + tuple(a.shape), a.dtype), like)
+
+
+def row_mask(mask, leaf):
+    """mask (T,) broadcast against a leaf with leading axis T."""
+    return jnp.reshape(mask, (-1,) + (1,) * (jnp.ndim(leaf) - 1)).astype(leaf.dtype)
+
+
+def make_jac_aggregator(name: str, needs, core, *, init=None, min_tasks: int = 1,
+                        hparams=None) -> JacAggregator:
+    """Wrap ``core(state, inputs: JacInputs) -> (direction, new_state)``.
+
+    ``init(num_tasks, like)`` builds the state (default: ()); the wrapper first
+    checks ``num_tasks >= min_tasks``. ``combine`` validates the shapes, zeroes
+    absent rows, and applies the non-finite guard."""
+    needs = frozenset(needs) | {"jac"}
+    if not needs <= JAC_NEEDS:
+        raise ValueError(f"{name}: unknown needs {sorted(needs - JAC_NEEDS)}")
+
+    def init_(num_tasks: int, like=None):
+        if int(num_tasks) < min_tasks:
+            raise ValueError(f"{name} needs at least {min_tasks} tasks, found num_tasks="
+                             f"{num_tasks}; use another method (e.g. 'ew') or change its "
+                             f"hyper-parameters ({dict(hparams or {})})")
+        return () if init is None else init(int(num_tasks), like)
+
+    def combine(state, *, jac, losses=None, key=None, step=None, present=None, activation=None):
+        leaves = jax.tree.leaves(jac)
+        if not leaves:
+            raise ValueError(f"{name}: jac has no array leaves; pass the per-task gradients "
+                             "as a pytree whose leaves have leading axis T")
+        t = int(jnp.shape(leaves[0])[0])
+        for leaf in leaves:
+            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != t:
+                raise ValueError(f"{name}: every leaf of jac needs leading axis T={t}, "
+                                 f"found shape {tuple(jnp.shape(leaf))}")
+        if "losses" in needs and losses is None:
+            raise ValueError(f"{name}: needs the per-task losses; pass losses= (T,)")
+        if "key" in needs and key is None:
+            raise ValueError(f"{name}: needs a PRNG key; pass key=")
+        _check_shape(name, "losses", losses, (t,))
+        _check_shape(name, "present", present, (t,))
+        if activation is not None:
+            row = jax.tree.map(lambda a: tuple(jnp.shape(a))[1:], jac)
+            got = jax.tree.map(lambda a: tuple(jnp.shape(a)), activation)
+            if jax.tree.structure(row) != jax.tree.structure(got) or jax.tree.leaves(
+                    row, is_leaf=lambda x: isinstance(x, tuple)) != jax.tree.leaves(
+                    got, is_leaf=lambda x: isinstance(x, tuple)):
+                raise ValueError(f"{name}: activation must be shaped like one row of jac")
+        floats = [jnp.result_type(leaf) for leaf in leaves
+                  if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+        dtype = jnp.result_type(*floats) if floats else jnp.zeros(()).dtype
+        mask = (jnp.ones((t,), dtype) if present is None
+                else jnp.asarray(present).astype(bool).astype(dtype))
+        on = mask > 0
+        jac = jax.tree.map(lambda a: jnp.where(row_mask(on, a) > 0, a, jnp.zeros((), a.dtype)),
+                           jac)
+        losses = None if losses is None else jnp.asarray(losses).astype(dtype)
+        ok = jnp.array(True)
+        for leaf in jax.tree.leaves(jac):
+            ok = ok & jnp.all(jnp.isfinite(leaf))
+        if "losses" in needs:
+            ok = ok & jnp.all(jnp.isfinite(jnp.where(on, losses, 0.0)))
+            losses = jnp.where(on, losses, 0.0)
+        if activation is not None:
+            for leaf in jax.tree.leaves(activation):
+                ok = ok & jnp.all(jnp.isfinite(leaf))
+        d, new_state = core(state, JacInputs(t, jac, losses, key, step, mask, activation))
+        d = jax.tree.map(lambda a: jnp.where(ok, a, jnp.nan), d)
+        new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        return d, new_state
+
+    combine.__name__ = f"{name}_combine"
+    return JacAggregator(name=name, needs=needs, init=init_, combine=combine,
+                         hparams=dict(hparams or {}))

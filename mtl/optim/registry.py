@@ -1,10 +1,14 @@
-"""Aggregators by name: ``get_aggregator("cagrad", c=0.5)``."""
+"""Aggregators by name: ``get_aggregator("cagrad", c=0.5)``.
+
+``AGGREGATORS``: methods of the weights protocol (:class:`~mtl.optim.base.Aggregator`);
+``JAC_AGGREGATORS``: methods that need J itself (:class:`~mtl.optim.base.JacAggregator`,
+``"jac" in agg.needs``). ``get_aggregator`` resolves both."""
 from __future__ import annotations
 
 import inspect
 
-from mtl.optim import gradient, weighting
-from mtl.optim.base import Aggregator
+from mtl.optim import conflict, gradient, jacobian, scalarize, stochastic, weighting
+from mtl.optim.base import Aggregator, JacAggregator
 
 AGGREGATORS = {
     "ew": weighting.ew,
@@ -21,17 +25,35 @@ AGGREGATORS = {
     "aligned_mtl": gradient.aligned_mtl,
     "upgrad": gradient.upgrad,
     "dualproj": gradient.dualproj,
+    "gls": scalarize.gls,
+    "stch": scalarize.stch,
+    "constant": scalarize.constant,
+    "gradvac": conflict.gradvac,
+    "config": conflict.config,
+    "fairgrad": conflict.fairgrad,
+    "krum": conflict.krum,
+    "modo": stochastic.modo,
+    "sdmgrad": stochastic.sdmgrad,
+}
+
+JAC_AGGREGATORS = {
+    "graddrop": jacobian.graddrop,
+    "trimmed_mean": jacobian.trimmed_mean,
+    "moco": jacobian.moco,
+    "db_mtl": jacobian.db_mtl,
+    "excess_mtl": jacobian.excess_mtl,
 }
 
 
-def get_aggregator(name: str, **hparams) -> Aggregator:
+def get_aggregator(name: str, **hparams) -> Aggregator | JacAggregator:
     """Build an aggregator by name ('-' and '_' are interchangeable, case is
     ignored). Unknown name: ValueError listing the valid ones; unknown
     hyper-parameter: TypeError naming it and the valid ones."""
     key = str(name).lower().replace("-", "_")
-    if key not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {name!r}; valid names: {', '.join(sorted(AGGREGATORS))}")
-    factory = AGGREGATORS[key]
+    every = {**AGGREGATORS, **JAC_AGGREGATORS}
+    if key not in every:
+        raise ValueError(f"unknown aggregator {name!r}; valid names: {', '.join(sorted(every))}")
+    factory = every[key]
     params = inspect.signature(factory).parameters
     bad = sorted(set(hparams) - set(params))
     if bad:
