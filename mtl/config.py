@@ -75,10 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     # multi-task optimisation (mtl.optim aggregators inside the train step; mtl/train/routes/)
     c.optim = ml_collections.ConfigDict({
         "aggregator": "ew",       # ew rlw uw dwa gradnorm famo mgda pcgrad cagrad imtl_g nash_mtl
-                                  # aligned_mtl upgrad dualproj (mtl.optim.AGGREGATORS)
+                                  # aligned_mtl upgrad dualproj gls stch constant gradvac config
+                                  # fairgrad krum modo sdmgrad (mtl.optim.AGGREGATORS); J itself:
+                                  # graddrop trimmed_mean moco db_mtl excess_mtl (JAC_AGGREGATORS)
         "hparams": {},            # the method's hyper-parameters, e.g. {"c": 0.4} for cagrad
         "grad_on": "params",      # per-task gradients on the shared params, or "representation"
-        "jacobian": "keep",       # "stream": build G without keeping J (params; 1 more backward)
+        "jacobian": "keep",       # "stream": build G without keeping J (params; 1 more backward);
+                                  # "gram": G from layer inputs x output cotangents, no J at all
         "head_grads": "plain",    # heads get their own unweighted loss's gradient, or "weighted"
         "fmtl_rho": 0.0,          # F-MTL perturbation radius (0 = off; needs grad_on=params)
         "sparse_fraction": 0.0,   # train only this fraction of shared params (0 = all)

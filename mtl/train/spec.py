@@ -46,7 +46,15 @@ class OptimSpec:
         return spec
 
     def validate(self) -> None:
-        self.make_aggregator()  # unknown name / hyper-parameter: the registry's error
+        agg = self.make_aggregator()  # unknown name / hyper-parameter: the registry's error
+        if "jac" in agg.needs:  # a method that combines J itself
+            if self.jacobian != "keep" or self.fmtl_rho > 0:
+                raise ValueError(f"optim.aggregator={self.aggregator!r} combines the per-task gradients "
+                                 "themselves: it needs optim.jacobian='keep' and no F-MTL (optim.fmtl_rho=0)")
+            if self.grad_on == "representation" and agg.name != "graddrop":
+                raise ValueError(f"optim.aggregator={self.aggregator!r} keeps per-task parameter gradients in "
+                                 "its state: it needs optim.grad_on='params' (of these methods only graddrop "
+                                 "works on the representation)")
         if self.grad_on not in GRAD_ON:
             raise ValueError(f"optim.grad_on must be one of {GRAD_ON}; got {self.grad_on!r}")
         if self.jacobian not in JACOBIAN:

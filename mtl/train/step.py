@@ -192,7 +192,7 @@ class Steps:
                           rng=jax.random.key_data(jax.random.key(self.seed)),
                           nonfinite_count=jnp.zeros((), jnp.int32),
                           first_nonfinite=jnp.full((2,), -1, jnp.int32),
-                          agg_state=self.weigh.init_state(), sparse_mask=sparse)
+                          agg_state=self.weigh.init_state(like=split_shared(params)[0]), sparse_mask=sparse)
 
     def _losses(self, params, rest, batch):
         """(per-task losses [T], auxiliary loss, updated non-parameter state): :meth:`Forward.losses`."""

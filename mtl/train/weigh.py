@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from mtl.optim import gramian
 from mtl.optim.diagnostics import gradient_stats
 from mtl.train.spec import OptimSpec
 
@@ -36,6 +37,12 @@ class Weigh:
         return "gram" in self.agg.needs
 
     @property
+    def combines(self) -> bool:
+        """The method combines J itself (:class:`~mtl.optim.base.JacAggregator`: GradDrop,
+        Trimmed mean, MoCo, DB-MTL, ExcessMTL) instead of weighting the tasks."""
+        return "jac" in self.agg.needs
+
+    @property
     def needs_losses(self) -> bool:
         """The weights read this step's losses (or the state is updated from them)."""
         return "losses" in self.agg.needs or self.agg.post_step
@@ -52,8 +59,9 @@ class Weigh:
         the update (FAMO's default): the step calls :meth:`post_update`."""
         return self.agg.post_step and dict(self.agg.hparams or {}).get("update_on") == "same_batch"
 
-    def init_state(self):
-        main = self.agg.init(self.num_tasks)
+    def init_state(self, like=None):
+        """``like``: the shared parameters (J-methods whose state holds per-task gradients)."""
+        main = self.agg.init(self.num_tasks, like=like) if self.combines else self.agg.init(self.num_tasks)
         flat = self.agg.init(self.num_tasks) if (self.spec.fmtl_rho > 0 and self.needs_gram) else ()
         return {"main": main, "flat": flat}
 
@@ -74,6 +82,27 @@ class Weigh:
             extras = {"cosines": st["cosines"], "conflict_fraction": st["conflict_fraction"],
                       "grad_norms": st["norms"]}
         return w, {**inp.agg_state, "main": main}, extras
+
+    def combine(self, inp, losses, jac, activation=None):
+        """A J-method's direction from the rows ``jac`` (leading axis T) — the shared update
+        (or the representation's cotangent) itself. Returns (direction, w, new aggregator
+        state, extras): these methods define no task weights, so ``w`` is 1 for each present
+        task (what the logs show, and what weights the plain heads), NaN everywhere when the
+        direction is not finite (the step is then skipped)."""
+        d, main = self.agg.combine(inp.agg_state["main"], jac=jac, losses=jax.lax.stop_gradient(losses),
+                                   key=inp.key, step=inp.step, present=inp.present, activation=activation)
+        ok = jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(d)]))
+        w = jnp.where(ok, inp.present.astype(jnp.float32), jnp.nan)
+        st = gradient_stats(gramian(jac), inp.present)
+        extras = {"cosines": st["cosines"], "conflict_fraction": st["conflict_fraction"], "grad_norms": st["norms"]}
+        return d, w, {**inp.agg_state, "main": main}, extras
+
+    def head_weights(self, w, losses, present):
+        """Weights of the heads' own gradients for a J-method: 1 per present task, except
+        DB-MTL, whose heads follow Σ_t log(L_t + 1e-8) as in LibMTL (1 / (L_t + 1e-8))."""
+        if self.agg.name == "db_mtl":
+            return jnp.where(present, 1.0 / (jax.lax.stop_gradient(losses) + 1e-8), 0.0) * finite(w)
+        return finite(w)
 
     def flat(self, inp, agg_state, losses, gram_h):
         """F-MTL's h-weights from the second aggregator copy on G_h (Gramian methods; the

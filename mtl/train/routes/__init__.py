@@ -28,7 +28,7 @@ __all__ = ["BatchGramian", "FixedWeights", "LossOnly", "ParamJacobian", "Represe
 
 def builds_gram(spec, weigh) -> bool:
     """The ordinary step takes per-task gradients (and so returns diagnostics) every step."""
-    return weigh.needs_gram or spec.fmtl_rho > 0 or spec.rep_mtl > 0
+    return weigh.needs_gram or weigh.combines or spec.fmtl_rho > 0 or spec.rep_mtl > 0
 
 
 def make_route(spec, weigh, forward, *, diagnostics: bool = False, loss_weights=None):

@@ -85,6 +85,13 @@ class ParamJacobian:
             aux_s, aux_h = (jax.tree.map(lambda a: a[t], j) for j in (js, jh))
             js, jh = (jax.tree.map(lambda a: a[:t], j) for j in (js, jh))
         js = masked(js, inp.sparse_mask)
+        if weigh.combines:  # a method that combines J itself: its direction is the shared update
+            g_shared, w, agg_state, extras = weigh.combine(inp, losses, js)
+            g_heads = aggregate(weigh.head_weights(w, losses, inp.present), jh)
+            if self.forward.has_aux:
+                g_shared = jax.tree.map(jnp.add, g_shared, aux_s)
+                g_heads = jax.tree.map(jnp.add, g_heads, aux_h)
+            return join(g_shared, g_heads, layout), w, agg_state, extras
         w, agg_state, extras = weigh(inp, losses, gramian(js))
         ws = finite(w)
         g_shared = aggregate(ws, js)

@@ -86,9 +86,13 @@ class Representation:
                                     has_aux=True)
         zs = jnp.broadcast_to(z, (t,) + z.shape)
         losses, jz, gh, new_rest = fw.head_z_grads(shared, heads, layout, rest1, inp.batch, zs)
-        w, agg_state, extras = weigh(inp, losses, gramian(jz))
-        ws = finite(w)
-        dz = jnp.tensordot(ws.astype(jz.dtype), jz, axes=1)
+        if weigh.combines:  # GradDrop: the representation's cotangent itself
+            dz, w, agg_state, extras = weigh.combine(inp, losses, jz, activation=z)
+            ws = finite(w)
+        else:
+            w, agg_state, extras = weigh(inp, losses, gramian(jz))
+            ws = finite(w)
+            dz = jnp.tensordot(ws.astype(jz.dtype), jz, axes=1)
         if self.rep_mtl > 0:
             dz = dz + self.rep_mtl * self._rep_mtl_grad(shared, heads, layout, z, rest1, inp)
         g_shared = masked(enc_vjp(dz)[0], inp.sparse_mask)
