@@ -29,6 +29,9 @@ Gramians) and not with sparse training or F-MTL (they need J_s itself): ``jacobi
 """
 from __future__ import annotations
 
+import math
+import warnings
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -156,8 +159,25 @@ class BatchGramian:
                 b = jnp.sum(d, axis=1)
                 gram = gram + (b @ b.T).astype(jnp.float32)
         covered_leaves = {_keys(p) + (leaf,) for p in covered for leaf in ("kernel", "bias")}
-        rest = [a for kp, a in jax.tree_util.tree_flatten_with_path(d_shared)[0]
+        rest = [(kp, a) for kp, a in jax.tree_util.tree_flatten_with_path(d_shared)[0]
                 if _keys(kp) not in covered_leaves]
         if rest:
-            gram = gram + gramian(rest).astype(jnp.float32)
+            _note_untapped(rest)
+            gram = gram + gramian([a for _, a in rest]).astype(jnp.float32)
         return gram
+
+
+_NOTED: set = set()
+
+
+def _note_untapped(rest):
+    """Say once per layout which shared parameters take the per-parameter route."""
+    names = tuple(sorted("/".join(map(str, _keys(kp))) for kp, _ in rest))
+    if names in _NOTED:
+        return
+    _NOTED.add(names)
+    size = sum(math.prod(a.shape[1:]) for _, a in rest)
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    warnings.warn(f"optim.jacobian='gram': {size} shared parameters are not in tapped dense layers ({shown}); "
+                  "their rows of G come from per-parameter gradients (exact, at the per-parameter cost)",
+                  stacklevel=2)
