@@ -62,6 +62,6 @@ def latency(model, widths, input_shape, *, batch: int = 1, repeats: int = 20, dt
     return times[len(times) // 2]
 
 
-def cost(model, widths, input_shape, *, batch: int = 1, repeats: int = 20) -> Cost:
+def config_cost(model, widths, input_shape, *, batch: int = 1, repeats: int = 20) -> Cost:
     return Cost(flops(model, widths, input_shape, batch=batch),
                 latency(model, widths, input_shape, batch=batch, repeats=repeats), int(batch))
