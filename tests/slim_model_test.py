@@ -28,25 +28,34 @@ def _cnn_model(seed=0, shape=(16, 16, 1)):
 
 def test_outputs_compose_encoder_and_per_task_decoder_widths():
     m = _cnn_model()
+    graph, state = nnx.split(m)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32))
     cfg = S.WidthConfig(0.5, {"seg": 0.25, "cls": 0.75})
-    out = m.forward(x, cfg)
-    z = m.encoder(x, 0.5)
-    assert out.features.shape == (2, 8, 8, 8) and z.shape == out.features.shape   # ceil(0.5 * 16) channels
-    np.testing.assert_allclose(out.features, z, rtol=1e-6)
-    for name, w in (("seg", 0.25), ("depth", 1.0), ("edges", 1.0), ("cls", 0.75)):
-        np.testing.assert_allclose(out.outputs[name], m.heads[name](z, w), rtol=1e-5, atol=1e-6)
-    assert out.outputs["seg"].shape == (2, 16, 16, 5) and out.outputs["cls"].shape == (2, 3)
-    view = m.at(cfg)
-    for k, v in view(x).items():
-        np.testing.assert_allclose(v, out.outputs[k], rtol=1e-6)
-    # no widths = the widest configuration, which is what the trainer runs
-    full = m(x)
-    np.testing.assert_allclose(full["seg"], m(x, 1.0)["seg"], rtol=1e-6)
-    assert not np.allclose(full["seg"], out.outputs["seg"])
-    # the sub-network's features are the leading channels' slice of a map with the same filters
-    sub, shared = S.shared_channels(out.features, m.features(x))
-    assert shared.shape == sub.shape
+    widths = {"seg": 0.25, "depth": 1.0, "edges": 1.0, "cls": 0.75}
+
+    @jax.jit
+    def run(state, x):   # one compile instead of op-by-op dispatch
+        m = nnx.merge(graph, state)
+        out = m.forward(x, cfg)
+        z = m.encoder(x, 0.5)
+        return dict(outputs=out.outputs, features=out.features, z=z, view=m.at(cfg)(x), full=m(x),
+                    full1=m(x, 1.0), heads={k: m.heads[k](z, w) for k, w in widths.items()},
+                    full_features=m.features(x))
+
+    r = run(state, x)
+    assert r["features"].shape == (2, 8, 8, 8)     # ceil(0.5 * 16) channels at half resolution
+    np.testing.assert_allclose(r["features"], r["z"], rtol=1e-6)
+    for name in widths:
+        np.testing.assert_allclose(r["outputs"][name], r["heads"][name], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r["view"][name], r["outputs"][name], rtol=1e-6)
+        np.testing.assert_allclose(r["full"][name], r["full1"][name], rtol=1e-6)
+    assert r["outputs"]["seg"].shape == (2, 16, 16, 5) and r["outputs"]["cls"].shape == (2, 3)
+    # no widths = the widest configuration (what the trainer runs), which differs from cfg
+    assert not np.allclose(r["full"]["seg"], r["outputs"]["seg"])
+    sub, shared = S.shared_channels(r["features"], r["full_features"])
+    assert shared.shape == sub.shape == (2, 8, 8, 8)
+    with pytest.raises(ValueError, match="not a width slice"):
+        S.shared_channels(r["full_features"], r["features"])
 
 
 def test_width_outside_trained_set_or_unknown_task_is_a_clear_error():
