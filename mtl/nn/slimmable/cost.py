@@ -43,12 +43,13 @@ def flops(model, widths, input_shape, *, batch: int = 1, dtype="float32") -> flo
 @dataclasses.dataclass(frozen=True)
 class Cost:
     flops: float          # per call (the whole batch)
-    latency_s: float      # median wall time of one call
+    latency_s: float      # fastest wall time of one call
     batch: int
 
 
 def latency(model, widths, input_shape, *, batch: int = 1, repeats: int = 20, dtype="float32") -> float:
-    """Median seconds per call of the compiled ``model(x, widths)`` (after one warm-up call)."""
+    """Seconds per call of the compiled ``model(x, widths)``: the minimum over ``repeats``
+    timed calls after one warm-up call (the minimum is the least disturbed by other load)."""
     cfg = model.config(widths)
     graphdef, state = nnx.split(model)
     x = jnp.zeros((int(batch),) + tuple(input_shape), jnp.dtype(dtype))
@@ -58,8 +59,7 @@ def latency(model, widths, input_shape, *, batch: int = 1, repeats: int = 20, dt
         t0 = time.perf_counter()
         jax.block_until_ready(forward(graphdef, state, x, cfg))
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return min(times)
 
 
 def config_cost(model, widths, input_shape, *, batch: int = 1, repeats: int = 20) -> Cost:
