@@ -164,3 +164,28 @@ def test_sharded_forward_equals_single_device():
         out = jax.jit(lambda s, x: nnx.merge(graph, s)(x, cfg))(sharded_state, xs)
     for k in single:
         np.testing.assert_allclose(np.asarray(out[k]), np.asarray(single[k]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder,shape,kw", [("mlp", (8,), {"hidden": (16,)}),
+                                              ("cnn", (12, 12, 1), {"channels": (8,), "groups": 4})])
+def test_image_level_tasks_get_pooled_decoders(encoder, shape, kw):
+    """MultiTab-style regression on vectors and MultiFashion-style classification on images."""
+    from mtl.nn.heads import Regression
+
+    tasks = [Task("a", Regression(1)), Task("b", Classification(10))]
+    factory = model_factory(_cfg(encoder, **kw), tasks, shape)
+    m = build(lambda: factory(nnx.Rngs(0)), scale=0.3)
+    assert all(isinstance(m.heads[t], S.PooledDecoder) for t in ("a", "b"))
+    graph, state = nnx.split(m)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3,) + shape).astype(np.float32))
+    run = jax.jit(lambda s, x, cfg: nnx.merge(graph, s)(x, cfg), static_argnums=2)
+    out, half = run(state, x, S.WidthConfig(1.0)), run(state, x, S.WidthConfig(0.5, {"b": 0.25}))
+    assert out["a"].shape == half["a"].shape == (3, 1) and out["b"].shape == (3, 10)
+    # the head at width 0.25 on half-width features, by hand from the decoder's own weights
+    z = np.asarray(jax.jit(lambda s, x: nnx.merge(graph, s).features(x, 0.5))(state, x))
+    z = z if z.ndim == 2 else z.mean(axis=(1, 2))
+    dec = m.heads["b"]
+    h = math.ceil(0.25 * dec.hidden[0].out_features)
+    hid = np.maximum(z @ np.asarray(dec.hidden[0].kernel[...])[:z.shape[-1], :h] + np.asarray(dec.hidden[0].bias[...])[:h], 0)
+    want = hid @ np.asarray(dec.out.kernel[...])[:h] + np.asarray(dec.out.bias[...])
+    np.testing.assert_allclose(np.asarray(half["b"]), want, rtol=1e-4, atol=1e-5)
