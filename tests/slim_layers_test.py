@@ -46,7 +46,7 @@ def test_dense_equals_numpy_on_leading_rows_and_columns(w_in, w_out):
 def test_conv_equals_plain_conv_built_from_sliced_kernel(w):
     layer = build(lambda: S.SlimConv(8, 12, (3, 3), 2, rngs=nnx.Rngs(0)), seed=3)
     cin, cout = math.ceil(w * 8), math.ceil(w * 12)
-    plain = nnx.Conv(cin, cout, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0))
+    plain = build(lambda: nnx.Conv(cin, cout, (3, 3), strides=2, padding="SAME", rngs=nnx.Rngs(0)))
     plain.kernel[...] = layer.kernel[...][:, :, :cin, :cout]
     plain.bias[...] = layer.bias[...][:cout]
     x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 9, 9, cin)).astype(np.float32))
