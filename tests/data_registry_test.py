@@ -6,7 +6,7 @@ from mtl.data.registry import DATASETS, load_dataset
 
 
 def test_registered_names():
-    assert set(DATASETS) == {"mmoe_synthetic", "multitab", "multifashion", "domain_mixture", "tfds"}
+    assert set(DATASETS) == {"mmoe_synthetic", "multitab", "multifashion", "domain_mixture", "tfds", "dense_fashion"}
 
 
 def test_dispatch_matches_direct_call():

@@ -24,7 +24,8 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-TASK_KINDS = ("classification", "multilabel", "regression")
+TASK_KINDS = ("classification", "multilabel", "regression",
+              "segmentation", "dense_regression", "edges")  # per pixel: [n, H, W] int, [n, H, W, dim] float
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ import inspect
 from typing import Callable
 
 from mtl.data.base import DataBundle
+from mtl.data.dense_fashion import dense_fashion
 from mtl.data.domains import domain_mixture
 from mtl.data.multifashion import multifashion
 from mtl.data.synthetic import mmoe_synthetic, multitab_synthetic
@@ -19,6 +20,7 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "mmoe_synthetic": mmoe_synthetic,
     "multitab": multitab_synthetic,
     "multifashion": multifashion,
+    "dense_fashion": dense_fashion,
     "domain_mixture": domain_mixture,
     "tfds": tfds_bundle,
 }

@@ -1,4 +1,5 @@
-"""flax.nnx modules: encoders, heads, hard sharing (MultiTaskModel), task experts (moe).
+"""flax.nnx modules: encoders, heads, hard sharing (MultiTaskModel), task experts (moe),
+slimmable networks (slimmable).
 
 Names load on first use (``mtl.tasks`` imports ``mtl.nn.heads``, which must not pull in
 the model modules that themselves import ``mtl.tasks``).
@@ -14,6 +15,8 @@ _EXPORTS = {
     "Attention": ("mtl.nn.layers", "Attention"), "MLPBlock": ("mtl.nn.layers", "MLPBlock"),
     "TransformerBlock": ("mtl.nn.layers", "TransformerBlock"),
     "MultiTaskModel": ("mtl.nn.multitask", "MultiTaskModel"),
+    "slimmable": ("mtl.nn.slimmable", None),
+    "SlimmableMultiTask": ("mtl.nn.slimmable", "SlimmableMultiTask"), "WidthConfig": ("mtl.nn.slimmable", "WidthConfig"),
 }
 
 

@@ -69,7 +69,32 @@ def vision_moe_factory(name: str) -> Callable:
     return make_factory
 
 
-ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory}
+def slimmable_factory(model_cfg, tasks, input_shape) -> Callable:
+    """Slimmable encoder (``model.encoder``: mlp, cnn or vit; ``encoder_kwargs``) and one
+    slimmable decoder per task (``mtl.nn.slimmable``). ``model.arch_kwargs``: ``widths``
+    (the width set, default 0.25/0.5/0.75/1), ``decoder_channels``, ``decoder_hidden``,
+    ``groups``. Called without widths the model runs its widest configuration."""
+    from mtl.nn.slimmable import SlimmableMultiTask, build_slim_encoder
+    from mtl.nn.slimmable.widths import WIDTHS, check_widths
+
+    enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
+    arch_kwargs = dict(model_cfg.get("arch_kwargs", {}) or {})
+    widths = check_widths(arch_kwargs.pop("widths", WIDTHS))
+    allowed = ("decoder_channels", "decoder_hidden", "groups")
+    bad = [k for k in arch_kwargs if k not in allowed]
+    if bad:
+        raise TypeError(f"model.arch='slimmable' has no arch_kwargs {bad}; its options are ['widths', {', '.join(map(repr, allowed))}]")
+    name = model_cfg.get("encoder", "mlp")
+    output_hw = tuple(input_shape[:2]) if len(input_shape) >= 2 else None
+
+    def make(rngs: nnx.Rngs):
+        enc = build_slim_encoder(name, input_shape, widths, rngs=rngs, **enc_kwargs)
+        return SlimmableMultiTask(enc, tasks, output_hw=output_hw, widths=widths, rngs=rngs, **arch_kwargs)
+
+    return make
+
+
+ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory, "slimmable": slimmable_factory}
 for _name in ("one_gate_moe", "mmoe", "cgc", "ple", "home"):
     ARCHITECTURES[_name] = moe_factory(_name)
 for _name in ("m3vit", "taskexpert"):

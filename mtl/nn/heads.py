@@ -94,7 +94,48 @@ class Regression(HeadSpec):
     default_metrics = (("mse", M.mse), ("mae", M.mae))
 
 
-HEADS = {"classification": Classification, "multilabel": MultiLabel, "regression": Regression}
+class PerPixel:
+    """Mixin of per-pixel (dense prediction) heads: predictions ``[B, H, W, out]``. Built by a
+    dense decoder (``model.arch='slimmable'``), not on pooled features."""
+
+    per_pixel = True
+
+    def build(self, in_features, *, rngs):
+        raise ValueError(f"a per-pixel {self.kind!r} task needs a dense decoder: use model.arch='slimmable' "
+                         "(mtl.nn.slimmable); the shared architecture's heads see pooled features only")
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation(PerPixel, Classification):
+    """Per-pixel softmax over ``out`` classes; integer labels [B, H, W]. Loss: per-pixel
+    cross-entropy; metrics: per-image mIoU, pixel accuracy."""
+
+    kind = "segmentation"
+    default_metrics = (("miou", M.mean_iou), ("pixel_accuracy", M.accuracy))
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseRegression(PerPixel, Regression):
+    """Per-pixel real values (depth: ``out=1``); labels [B, H, W, out]. Loss: L1; metrics:
+    per-image RMSE, mean absolute error."""
+
+    kind = "dense_regression"
+    default_loss = staticmethod(L.l1)
+    default_metrics = (("rmse", M.rmse), ("mae", M.mae))
+
+
+@dataclasses.dataclass(frozen=True)
+class Edges(PerPixel, MultiLabel):
+    """Per-pixel boundary probability (sigmoid); 0/1 labels [B, H, W, 1]. Loss: binary
+    cross-entropy; metrics: per-image F1 at probability 0.5, pixel accuracy."""
+
+    out: int = 1
+    kind = "edges"
+    default_metrics = (("f1", M.binary_f1), ("pixel_accuracy", M.multilabel_accuracy))
+
+
+HEADS = {"classification": Classification, "multilabel": MultiLabel, "regression": Regression,
+         "segmentation": Segmentation, "dense_regression": DenseRegression, "edges": Edges}
 
 
 def head_from_json(d: dict) -> HeadSpec:

@@ -1,0 +1,95 @@
+"""FLOPs and latency of each width configuration of the slimmable dense model, vs the widest.
+
+    python experiments/bench/slimmable.py [--encoders cnn vit mlp] [--batch 32] [--repeats 20]
+                                          [--out experiments/results/slimmable_bench.md]
+
+The model is ``configs/slimmable_dense.py``'s (DenseFashion shapes: 32x32x1 input, tasks
+seg/depth/edges), with random weights (cost does not depend on their values). For each
+uniform width (encoder and every decoder at ``w``) and one mixed configuration it prints
+the FLOPs per example from XLA's cost analysis of the compiled forward, the latency of one
+batch (minimum over ``--repeats`` interleaved rounds, after a warm-up round), both as ratios to the widest configuration, and "latency/FLOPs" (the ratio
+of the two ratios: 1 = latency follows FLOPs exactly). Last, the number of compilations
+when switching between the warmed-up configurations (must be 0). All figures of one
+encoder come from one run of this script; the CPU is shared, so compare ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from mtl.nn import slimmable as S  # noqa: E402
+from mtl.nn.build import model_factory  # noqa: E402
+from mtl.nn.heads import DenseRegression, Edges, Segmentation  # noqa: E402
+from mtl.tasks import Task  # noqa: E402
+
+SHAPE = (32, 32, 1)
+TASKS = [Task("seg", Segmentation(11)), Task("depth", DenseRegression(1)), Task("edges", Edges())]
+
+
+def _model(encoder: str):
+    from mtl.config import load_config_file
+
+    cfg = load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                        f"slimmable_dense.py:{encoder}"))
+    factory = model_factory(cfg.model, TASKS, SHAPE)
+    with nnx.use_eager_sharding(False):
+        graph, state = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))
+    keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
+    state = jax.tree.map(lambda s: 0.1 * jax.random.normal(next(keys), s.shape, s.dtype), state)
+    return nnx.merge(graph, state)
+
+
+def bench(encoder: str, batch: int, repeats: int) -> list[str]:
+    m = _model(encoder)
+    configs = [(f"uniform {w}", S.WidthConfig.uniform(w, m.task_names)) for w in reversed(m.widths)]
+    configs.append(("enc 0.5, seg 1.0, depth/edges 0.25", S.WidthConfig(0.5, {"seg": 1.0, "depth": 0.25, "edges": 0.25})))
+    graph, state = nnx.split(m)
+    x = jnp.zeros((batch,) + SHAPE)
+    fls = [S.flops(m, cfg, SHAPE, batch=batch) / batch for _, cfg in configs]
+    lats = [float("inf")] * len(configs)
+    for _ in range(repeats):          # interleaved rounds: load changes hit every configuration alike
+        for i, (_, cfg) in enumerate(configs):
+            t0 = time.perf_counter()
+            jax.block_until_ready(S.forward(graph, state, x, cfg))
+            lats[i] = min(lats[i], time.perf_counter() - t0)
+    rows, base = [], (fls[0], lats[0])
+    for (name, cfg), fl, lat in zip(configs, fls, lats):
+        rows.append(f"| {encoder} | {name} | {fl / 1e6:.2f} | {fl / base[0]:.3f} | {lat * 1e3:.2f} | "
+                    f"{lat / base[1]:.3f} | {(lat / base[1]) / (fl / base[0]):.2f} |")
+    before = S.forward._cache_size()
+    for _ in range(2):
+        for _, cfg in configs:
+            jax.block_until_ready(S.forward(graph, state, x, cfg))
+    rows.append(f"| {encoder} | compilations when switching widths after warm-up | {S.forward._cache_size() - before} | | | | |")
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--encoders", nargs="+", default=["cnn", "vit", "mlp"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    lines = [f"Slimmable dense model (configs/slimmable_dense.py), forward of batch {a.batch}, {jax.devices()[0].platform}",
+             "", "| encoder | configuration | MFLOPs / example | FLOPs ratio | latency ms / batch | latency ratio | latency/FLOPs |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for enc in a.encoders:
+        lines += bench(enc, a.batch, a.repeats)
+        print("\n".join(lines), flush=True)
+    if a.out:
+        os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
