@@ -82,19 +82,21 @@ def label_shares(tasks, micro):
     return n / jnp.maximum(total, 1.0), total[0] > 0
 
 
-def per_task_pullbacks(vec, *args, unroll_up_to: int = 16):
-    """Rows of the Jacobian of ``vec(*args) -> (out [R], aux)`` w.r.t. each of ``args``.
+def pullback_rows(pull, cotangents, unroll_up_to: int = 16):
+    """``pull`` applied to every row of ``cotangents``, stacked: one ordinary backward pass
+    per row, unrolled for up to ``unroll_up_to`` rows (else ``lax.map``). Measured on CPU
+    this is ~1.7x faster than a vmapped pullback (``jax.jacrev``), which turns every weight
+    gradient into a batched matmul."""
+    if cotangents.shape[0] <= unroll_up_to:
+        rows = [pull(cotangents[i]) for i in range(cotangents.shape[0])]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+    return jax.lax.map(pull, cotangents)
 
-    One forward (``jax.vjp``), then one ordinary backward pass per row: unrolled for up to
-    ``unroll_up_to`` rows, else ``lax.map``. Measured on CPU this is ~1.7x faster than
-    ``jax.jacrev`` (whose vmapped pullback turns every weight gradient into a batched
-    matmul). Returns (*jacobians with leading axis R, aux)."""
+
+def per_task_pullbacks(vec, *args, unroll_up_to: int = 16):
+    """Rows of the Jacobian of ``vec(*args) -> (out [R], aux)`` w.r.t. each of ``args``:
+    one forward (``jax.vjp``), then one ordinary backward pass per row
+    (:func:`pullback_rows`). Returns (*jacobians with leading axis R, aux)."""
     out, pullback, aux = jax.vjp(vec, *args, has_aux=True)
-    r = out.shape[0]
-    eye = jnp.eye(r, dtype=out.dtype)
-    if r <= unroll_up_to:
-        rows = [pullback(eye[i]) for i in range(r)]
-        jacs = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-    else:
-        jacs = jax.lax.map(pullback, eye)
+    jacs = pullback_rows(pullback, jnp.eye(out.shape[0], dtype=out.dtype), unroll_up_to)
     return (*jacs, aux)

@@ -38,7 +38,7 @@ from flax import nnx
 
 from mtl.nn import taps
 from mtl.optim import aggregate, gramian
-from mtl.train.grad_tools import join, split_shared
+from mtl.train.grad_tools import join, pullback_rows, split_shared
 from mtl.train.routes.base import RouteOut, StepInputs
 from mtl.train.weigh import finite
 
@@ -110,10 +110,7 @@ class BatchGramian:
         fw, t = self.forward, len(self.forward.tasks)
         shared, heads, layout = split_shared(inp.params)
         meta: dict = {}
-        # a single shared representation Z (not per-task features, as MMoE's): heads once
-        features = fw.has_features and isinstance(
-            jax.eval_shape(lambda s: self._forward_fn(inp, layout, True, meta)(s, None), shared)[0],
-            jax.ShapeDtypeStruct)
+        features = fw.single_representation(inp.params, inp.rest, inp.batch)   # heads once
         f = self._forward_fn(inp, layout, features, meta)
         args = (shared,) if features else (shared, heads)
         jax.eval_shape(lambda *a: f(*a, None), *args)            # the tap layout, shapes only
@@ -123,10 +120,10 @@ class BatchGramian:
             zs = jnp.broadcast_to(out, (t,) + out.shape)
             losses, jz, gh, new_rest = fw.head_z_grads(shared, heads, layout, rest1, inp.batch, zs)
             aux = jnp.zeros((), jnp.float32)
-            rows = jax.vmap(pull)(jz)
+            rows = pullback_rows(pull, jz)
         else:
             (losses, aux), new_rest = extra, rest1
-            rows = jax.vmap(pull)(jnp.eye(out.shape[0], dtype=out.dtype)[:t])
+            rows = pullback_rows(pull, jnp.eye(out.shape[0], dtype=out.dtype)[:t])
         gram = self._gram(meta, xs, rows[0], rows[-1], t)
         w, agg_state, extras = weigh(inp, losses, gram)
         ws = finite(w)

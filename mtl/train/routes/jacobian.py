@@ -1,7 +1,9 @@
 """Routes on the parameter Jacobian (``optim.grad_on="params"``).
 
 * :class:`ParamJacobian` (``optim.jacobian="keep"``): J of the loss vector over *all*
-  parameters (1 forward + T backward passes, :func:`per_task_pullbacks`); G = J_s J_sᵀ over
+  parameters (1 forward + T backward passes, :func:`per_task_pullbacks`; a model with one
+  shared representation backpropagates through the heads once and T times through the
+  encoder only, so head work does not grow as T²); G = J_s J_sᵀ over
   the *shared* parameters J_s (every parameter outside ``heads``); the shared update is
   wᵀJ_s, read off the Jacobian that is already there. F-MTL (``fmtl_rho > 0``): each
   task's shared parameters are perturbed by ρ g_t/‖g_t‖, h_t = ∇L_t(θ + ε_t) − g_t (T more
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl.optim import aggregate, fmtl_perturbation, gramian
-from mtl.train.grad_tools import join, per_task_pullbacks, split_shared
+from mtl.train.grad_tools import join, per_task_pullbacks, pullback_rows, split_shared
 from mtl.train.routes.base import RouteOut, StepInputs, masked
 from mtl.train.weigh import finite
 
@@ -48,10 +50,31 @@ class ParamJacobian:
             "task's full-batch gradient: T more passes over the whole batch at T different points, which "
             "accumulation does not reproduce") if self.fmtl_rho > 0 else None
 
+    def _rows(self, inp, shared, heads, layout, rest, batch, scale=None, k=1):
+        """Jacobian rows over the shared parameters and the heads, and (losses, aux, new_rest).
+        A model with one shared representation backpropagates through the heads once (every
+        ∂L_t/∂Z and each head's own gradient from one pass), then T passes through the
+        encoder only; otherwise T (+1 for an auxiliary loss) passes through the whole model.
+        ``scale`` (label shares) scales the rows so that they sum over micro-batches."""
+        fw = self.forward
+        if not fw.single_representation(inp.params, rest, batch):
+            vec = _loss_vector(fw, layout, rest, batch, scale=scale, k=k)
+            return per_task_pullbacks(vec, shared, heads)
+        t = len(fw.tasks)
+        z, enc_pull, rest1 = fw.encoder_vjp(shared, heads, layout, rest, batch["inputs"])
+        losses, jz, gh, new_rest = fw.head_z_grads(shared, heads, layout, rest1, batch,
+                                                   jnp.broadcast_to(z, (t,) + z.shape))
+        if scale is not None:
+            jz = jz * scale.astype(jz.dtype).reshape((t,) + (1,) * (jz.ndim - 1))
+            gh = fw.scale_heads(gh, scale)
+        (js,) = pullback_rows(enc_pull, jz)
+        eye = jnp.eye(t, dtype=jnp.float32)
+        jh = jax.tree.map(lambda *xs: jnp.stack(xs), *[fw.scale_heads(gh, eye[i]) for i in range(t)])
+        return js, jh, (losses, jnp.zeros((), jnp.float32), new_rest)
+
     def __call__(self, inp: StepInputs, weigh) -> RouteOut:
         shared, heads, layout = split_shared(inp.params)
-        vec = _loss_vector(self.forward, layout, inp.rest, inp.batch)
-        js, jh, (losses, aux, new_rest) = per_task_pullbacks(vec, shared, heads)
+        js, jh, (losses, aux, new_rest) = self._rows(inp, shared, heads, layout, inp.rest, inp.batch)
         flat = lambda js_: self._flat(shared, heads, layout, inp, js_)  # noqa: E731
         grads, w, agg_state, extras = self._from_jacobian(inp, weigh, js, jh, layout, losses, flat)
         return RouteOut(grads, losses, aux, new_rest, w, agg_state, extras)
@@ -65,8 +88,8 @@ class ParamJacobian:
         def body(carry, xs):
             js_acc, jh_acc, rest_m = carry
             mb, c = xs
-            vec = _loss_vector(self.forward, layout, rest_m, micro.prepare(mb), scale=c, k=micro.k)
-            js, jh, (losses, aux, new_rest) = per_task_pullbacks(vec, shared, heads)
+            js, jh, (losses, aux, new_rest) = self._rows(inp, shared, heads, layout, rest_m, micro.prepare(mb),
+                                                         scale=c, k=micro.k)
             return (jax.tree.map(jnp.add, js_acc, js), jax.tree.map(jnp.add, jh_acc, jh), new_rest), (losses, aux)
 
         zeros = lambda tree: jax.tree.map(lambda a: jnp.zeros((rows,) + a.shape, a.dtype), tree)  # noqa: E731
