@@ -1,8 +1,9 @@
 """TensorBoard event files of a run (``workdir/tensorboard/``), through ``tensorboardX``.
 
 An optional dependency (``pip install 'mtl[tensorboard]'``); without it the run says so
-in one line and goes on. A resumed run purges events after the step it resumed from, so
-the curves in TensorBoard are the ones of one uninterrupted run.
+in one line and goes on. A resumed run purges the events after the step it resumed from
+(``purge_step`` = that step + 1), as it truncates metrics.jsonl, so the curves in
+TensorBoard are those of one uninterrupted run.
 """
 from __future__ import annotations
 

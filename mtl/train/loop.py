@@ -110,7 +110,7 @@ class _Outputs:
         self.workdir = workdir
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.file = open(self.path, "a") if jax.process_index() == 0 else None
-        self.events = EventWriter(workdir, purge_step=start, log=log)
+        self.events = EventWriter(workdir, purge_step=start + 1 if start else None, log=log)  # keep <= start
         self.plots = curves.CurveWriter(workdir, log=log) if self.file is not None and enabled_curves else None
 
     def write(self, rec: dict) -> None:
