@@ -206,22 +206,22 @@ class CheckpointStore:
         """``(step, state, meta)`` of the newest step that verifies and restores, or None when
         the store is empty. Each bad step on the way is renamed aside, said in one line.
         A step of another model (``CheckpointMismatchError``) is not corruption: it raises."""
-        bad = []
+        bad = []  # (step, message, where it went)
         for step in reversed(self.steps()):
             try:
                 state, meta = self.restore(step, abstract_state)
             except CheckpointCorruptError as e:
-                dest = self.quarantine(step)
-                bad.append(step)
-                log(f"[mtl] {e}; moved it to {dest}, trying the previous step")
+                bad.append((step, str(e), self.quarantine(step)))
                 continue
-            if bad:
-                log(f"[mtl] fell back to checkpoint step {step} (step{'s' if len(bad) > 1 else ''} "
-                    f"{', '.join(map(str, bad))} failed verification)")
+            for i, (_, msg, dest) in enumerate(bad):  # one line per bad step, the last says where it fell back
+                tail = f"; fell back to checkpoint step {step}" if i == len(bad) - 1 else ""
+                log(f"[mtl] {msg}; moved it to {dest}{tail}")
             return int(step), state, meta
         if bad:
+            for _, msg, dest in bad:
+                log(f"[mtl] {msg}; moved it to {dest}")
             raise CheckpointCorruptError(
-                f"no checkpoint in {self.directory} verifies (steps {', '.join(map(str, bad))} moved to "
+                f"no checkpoint in {self.directory} verifies (steps {', '.join(str(b[0]) for b in bad)} moved to "
                 f"{self.directory}.corrupt); run the same command again to start from step 0, "
                 "or restore a copy of the checkpoints")
         return None

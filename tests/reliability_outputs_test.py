@@ -16,7 +16,6 @@ from mtl.cli import main
 from mtl.nn.build import model_factory
 from mtl.nn.heads import Regression
 from mtl.tasks import Task
-from mtl.train.curves import curve_data
 from mtl.train.loop import run
 from tiny_runs import read_metrics, tiny_config
 
@@ -31,6 +30,8 @@ def png_size(path):
 
 
 def test_curve_data_from_hand_written_records():
+    from mtl.train.curves import curve_data
+
     recs = [{"step": 5, "split": "train", "losses": {"a": 2.0, "b": 1.0}, "weights": {"a": 1.0, "b": 1.0}},
             {"step": 10, "split": "train", "losses": {"a": 1.0, "b": 0.5}, "weights": {"a": 1.0, "b": 1.0}},
             {"step": 10, "split": "val", "metrics": {"a": {"loss": 1.5, "mse": 1.5}, "b": {"loss": None, "mae": 3.0}}},
