@@ -91,7 +91,8 @@ def main(argv=None) -> int:
                                else "curves_overlay.png")
             print(f"wrote {plot_runs(args.workdir, out)}")
     except KeyboardInterrupt as e:
-        msg = getattr(e, "message", None) or "interrupted"
+        msg = getattr(e, "message", None) or ("interrupted; the checkpoints already saved are intact"
+                                              + (": run the same command again to resume" if args.cmd == "train" else ""))
         print(f"mtl {args.cmd}: {msg}", file=sys.stderr)
         return 130
     except (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError,
