@@ -177,3 +177,16 @@ def test_info_and_merge_verify_artifact_digests(tmp_path, capsys):
     assert main(["merge", "--config", cfg, "--workdir", str(tmp_path / "m")]) == 1
     err = capsys.readouterr().err
     assert "ft_b.mtl" in err and f"file {rel}" in err
+
+
+def test_without_tensorboardx_one_line_note_and_no_events(tmp_path, monkeypatch):
+    import sys
+
+    from mtl.train.events import MISSING_NOTE, EventWriter
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)   # import tensorboardX -> ImportError
+    said = []
+    w = EventWriter(str(tmp_path), log=said.append)
+    w.scalars(1, {"x": 1.0})
+    w.close()
+    assert said == [MISSING_NOTE] and not w.enabled and not (tmp_path / "tensorboard").exists()
