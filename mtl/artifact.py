@@ -59,8 +59,22 @@ def restore_run(workdir: str, which: str = "best"):
         params, _ = store.restore(step, steps.abstract_state.params)
     else:
         store = ckpt.CheckpointStore(os.path.join(workdir, "checkpoints"), max_to_keep=None)
-        step = store.latest_step() if which in ("best", "last") else int(which)
+        have = store.steps()
+        if which in ("best", "last"):
+            step = store.latest_step()
+        else:
+            try:
+                step = int(which)
+            except ValueError:
+                store.close()
+                raise ValueError(f"--which must be best, last or a step number; got {which!r}") from None
+            if step not in have:
+                store.close()
+                raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; the steps kept are "
+                                        f"{', '.join(map(str, have)) or 'none'} (train.keep_checkpoints "
+                                        "sets how many are kept)")
         if step is None:
+            store.close()
             raise FileNotFoundError(f"{workdir} has no checkpoints")
         state, _ = store.restore(step, steps.abstract_state)
         params = state.params

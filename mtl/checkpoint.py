@@ -9,6 +9,12 @@
 
 Before anything is restored, the stored tree is compared with the expected one and a
 mismatch raises ``CheckpointMismatchError`` naming the first differing path and shapes.
+
+Integrity (``mtl.integrity``): once a step's asynchronous save has completed, every file
+of it gets its size and SHA-256 in ``<step>/mtl_digests.json``; artifacts carry the same
+record for ``params/`` in ``metadata.json``. ``restore`` verifies first and raises
+``CheckpointCorruptError`` naming the step and the file; ``restore_latest`` falls back to
+the newest step that verifies and renames each bad step aside into ``<directory>.corrupt/``.
 """
 from __future__ import annotations
 
@@ -21,11 +27,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtl import integrity
+
 ARTIFACT_FORMAT = "mtl-artifact/1"
 
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint or artifact does not match the model it is loaded into."""
+
+
+class CheckpointCorruptError(integrity.IntegrityError):
+    """A checkpoint's files fail their digests or cannot be read (names the step and file)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _key_str(k) -> str:
@@ -87,9 +104,17 @@ def _metadata_shapes(tree_metadata) -> dict:
     return out
 
 
+# the JSON files orbax writes into a step (checked by name when a step has no manifest)
+_JSON_FILES = ("_CHECKPOINT_METADATA", "meta/metadata", "state/_METADATA", "state/_sharding",
+               "state/array_metadatas/process_0")
+
+
 class CheckpointStore:
     """Training checkpoints under one directory: ``save(step, state, meta)`` (async) and
-    ``restore(step, abstract_state)``. Incomplete (interrupted) saves are never listed."""
+    ``restore(step, abstract_state)``. Incomplete (interrupted) saves are never listed.
+
+    A step's digest manifest is written once its save has completed: by the next
+    ``save``, ``wait`` or ``close``."""
 
     def __init__(self, directory: str, max_to_keep: int | None = 2, asynchronous: bool = True):
         self.directory = os.path.abspath(directory)
@@ -98,6 +123,7 @@ class CheckpointStore:
         self._mgr = ocp.CheckpointManager(
             self.directory, options=opts,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+        self._pending: list[int] = []
 
     def steps(self) -> list[int]:
         return sorted(self._mgr.all_steps())
@@ -105,33 +131,110 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(int(step)))
+
     def save(self, step: int, state, meta: Mapping | None = None, force: bool = True) -> None:
+        self.wait()  # orbax would wait for the previous save anyway; digest it first
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(dict(meta or {})))
         self._mgr.save(int(step), args=args, force=force)
+        self._pending.append(int(step))
+
+    def _write_pending_digests(self) -> None:
+        pending, self._pending = self._pending, []
+        if jax.process_index() != 0:
+            return
+        for step in pending:
+            d = self.step_dir(step)
+            if os.path.isdir(d):  # (max_to_keep may already have removed it)
+                integrity.write_manifest(d)
+
+    def verify(self, step: int) -> int | None:
+        """Check ``step``'s files against its manifest: the number of files checked, or None
+        when the step has no manifest. Raises ``CheckpointCorruptError`` naming the file."""
+        what = f"checkpoint {self.directory} step {step}"
+        d = self.step_dir(step)
+        try:
+            m = integrity.read_manifest(d, what)
+            if m is None:  # no digests: at least the JSON files must parse (and be named if not)
+                integrity.check_json_files(d, _JSON_FILES, what)
+                return None
+            return integrity.verify_files(d, m["files"], what)
+        except integrity.IntegrityError as e:
+            raise CheckpointCorruptError(str(e)) from None
 
     def check(self, step: int, abstract_state, what: str = "checkpoint") -> None:
-        md = self._mgr.item_metadata(int(step))
+        try:
+            md = self._mgr.item_metadata(int(step))
+        except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for unreadable files
+            raise CheckpointCorruptError(f"{what} {self.directory} step {step}: its metadata cannot be read "
+                                         f"({_first_line(e)})") from None
         if md is None or md.get("state") is None:
             raise CheckpointMismatchError(f"{self.directory} step {step} is not an mtl checkpoint (no 'state' item)")
         found = _metadata_shapes(md["state"])
         compare_trees(flat_shapes(abstract_state), found, what=f"{what} {self.directory} step {step}")
 
     def restore(self, step: int, abstract_state):
-        """Restore onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        """Verify, then restore onto the shardings carried by ``abstract_state`` (ShapeDtypeStructs)."""
+        self.wait()
+        self.verify(step)
         self.check(step, abstract_state)
-        res = self._mgr.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        try:
+            res = self._mgr.restore(int(step), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001 - e.g. a truncated file: orbax raises a bare Exception
+            raise CheckpointCorruptError(f"checkpoint {self.directory} step {step} cannot be read "
+                                         f"({_first_line(e)})") from None
         return res["state"], dict(res["meta"] or {})
+
+    def quarantine(self, step: int) -> str:
+        """Move a bad step out of the store (renamed, never deleted); returns where it went."""
+        self.wait()
+        dest_root = self.directory + ".corrupt"
+        dest = os.path.join(dest_root, str(int(step)))
+        if jax.process_index() == 0:
+            os.makedirs(dest_root, exist_ok=True)
+            k = 1
+            while os.path.exists(dest):
+                dest, k = os.path.join(dest_root, f"{int(step)}-{k}"), k + 1
+            os.replace(self.step_dir(step), dest)
+        self._mgr.reload()
+        return dest
+
+    def restore_latest(self, abstract_state, log=print):
+        """``(step, state, meta)`` of the newest step that verifies and restores, or None when
+        the store is empty. Each bad step on the way is renamed aside, said in one line.
+        A step of another model (``CheckpointMismatchError``) is not corruption: it raises."""
+        bad = []  # (step, message, where it went)
+        for step in reversed(self.steps()):
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except CheckpointCorruptError as e:
+                bad.append((step, str(e), self.quarantine(step)))
+                continue
+            for i, (_, msg, dest) in enumerate(bad):  # one line per bad step, the last says where it fell back
+                tail = f"; fell back to checkpoint step {step}" if i == len(bad) - 1 else ""
+                log(f"[mtl] {msg}; moved it to {dest}{tail}")
+            return int(step), state, meta
+        if bad:
+            for _, msg, dest in bad:
+                log(f"[mtl] {msg}; moved it to {dest}")
+            raise CheckpointCorruptError(
+                f"no checkpoint in {self.directory} verifies (steps {', '.join(str(b[0]) for b in bad)} moved to "
+                f"{self.directory}.corrupt); run the same command again to start from step 0, "
+                "or restore a copy of the checkpoints")
+        return None
 
     def delete(self, step: int) -> None:
         self._mgr.delete(int(step))
 
     def wait(self) -> None:
         self._mgr.wait_until_finished()
+        self._write_pending_digests()
 
     def close(self) -> None:
-        self._mgr.wait_until_finished()
+        self.wait()
         self._mgr.close()
 
 
@@ -164,9 +267,27 @@ def export_artifact(path: str, params: Mapping, metadata: Mapping, overwrite: bo
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(os.path.join(path, "params"), jax.tree.map(np.asarray, dict(params)))
     ckpt.wait_until_finished()
-    with open(os.path.join(path, "metadata.json"), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True, default=str)
+    meta["digests"] = {"algorithm": integrity.ALGORITHM,
+                       "files": integrity.digest_files(os.path.join(path, "params"), skip=())}
+    integrity.atomic_write_text(os.path.join(path, "metadata.json"),
+                                json.dumps(meta, indent=2, sort_keys=True, default=str))
     return path
+
+
+def verify_artifact(path: str, meta: Mapping | None = None) -> int | None:
+    """Check an artifact's ``params/`` files against the digests in its metadata: the number
+    of files checked, or None for an artifact written before digests. Raises
+    ``CheckpointCorruptError`` naming the file."""
+    meta = read_artifact_metadata(path) if meta is None else meta
+    rec = meta.get("digests")
+    if not rec:
+        return None
+    if rec.get("algorithm") != integrity.ALGORITHM:
+        raise CheckpointCorruptError(f"artifact {path}: unknown digest algorithm {rec.get('algorithm')!r}")
+    try:
+        return integrity.verify_files(os.path.join(path, "params"), rec["files"], f"artifact {path}")
+    except integrity.IntegrityError as e:
+        raise CheckpointCorruptError(str(e)) from None
 
 
 def read_artifact_metadata(path: str) -> dict:
@@ -192,12 +313,16 @@ def load_artifact_params(path: str, expected: Mapping | None = None, shardings=N
     """
     path = os.path.abspath(path)
     meta = read_artifact_metadata(path)
+    verify_artifact(path, meta)
     stored = {p: (tuple(v["shape"]), v["dtype"]) for p, v in meta["params"].items()}
     ckpt = ocp.StandardCheckpointer()
     if expected is not None:
         compare_trees(flat_shapes(expected), stored, what=f"artifact {path}")
         target = abstract_like(expected, shardings)
-        params = ckpt.restore(os.path.join(path, "params"), target)
     else:
-        params = ckpt.restore(os.path.join(path, "params"))
+        target = None
+    try:
+        params = ckpt.restore(os.path.join(path, "params"), target)
+    except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for unreadable files
+        raise CheckpointCorruptError(f"artifact {path}: params/ cannot be read ({_first_line(e)})") from None
     return params, meta

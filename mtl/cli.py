@@ -3,7 +3,8 @@
     mtl train  --config configs/NAME.py[:arg] --workdir DIR [--overwrite|--resume] [--config.key=value ...]
     mtl eval   --workdir DIR [--which best|last|STEP] [--split val|test]
     mtl export --workdir DIR --out ARTIFACT [--which best|last|STEP] [--overwrite]
-    mtl info   ARTIFACT
+    mtl info   ARTIFACT            (verifies the artifact's file digests)
+    mtl plot   --workdir RUN [RUN ...] [--out curves.png]
     mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
 """
 from __future__ import annotations
@@ -42,8 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True)
     x.add_argument("--which", default="best", help="best | last | a step number")
     x.add_argument("--overwrite", action="store_true")
-    i = sub.add_parser("info", help="print an artifact's metadata")
+    i = sub.add_parser("info", help="print an artifact's metadata after verifying its file digests")
     i.add_argument("artifact")
+    pl = sub.add_parser("plot", help="overlay the training curves of one or more runs into a PNG")
+    pl.add_argument("--workdir", required=True, nargs="+", help="one or more `mtl train` workdirs")
+    pl.add_argument("--out", default=None, help="PNG to write (default: curves.png in the first workdir "
+                                                "for one run, ./curves_overlay.png for several)")
     m = sub.add_parser("merge", help="merge fine-tuned artifacts (mtl.merging), evaluate per task, write the result")
     m.add_argument("--config", required=True, help="configs/merge_NAME.py or configs/merge_NAME.py:arg")
     m.add_argument("--workdir", required=True)
@@ -78,17 +83,36 @@ def main(argv=None) -> int:
         elif args.cmd == "merge":
             _merge(args, overrides)
         elif args.cmd == "info":
-            from mtl.checkpoint import read_artifact_metadata
+            _info(args)
+        elif args.cmd == "plot":
+            from mtl.train.curves import plot_runs
 
-            meta = read_artifact_metadata(args.artifact)
-            meta.pop("params", None)
-            print(json.dumps(meta, indent=2))
+            out = args.out or (os.path.join(args.workdir[0], "curves.png") if len(args.workdir) == 1
+                               else "curves_overlay.png")
+            print(f"wrote {plot_runs(args.workdir, out)}")
+    except KeyboardInterrupt as e:
+        msg = getattr(e, "message", None) or ("interrupted; the checkpoints already saved are intact"
+                                              + (": run the same command again to resume" if args.cmd == "train" else ""))
+        print(f"mtl {args.cmd}: {msg}", file=sys.stderr)
+        return 130
     except (KeyError, ValueError, TypeError, FileNotFoundError, FileExistsError, RuntimeError,
-            FloatingPointError) as e:
+            FloatingPointError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mtl {args.cmd}: error: {msg}", file=sys.stderr)
         return 1
     return 0
+
+
+def _info(args) -> None:
+    from mtl.checkpoint import read_artifact_metadata, verify_artifact
+
+    meta = read_artifact_metadata(args.artifact)
+    n = verify_artifact(args.artifact, meta)
+    meta.pop("params", None)
+    meta.pop("digests", None)
+    meta["verified"] = (f"{n} files of params/ match their sha256 digests" if n is not None
+                        else "not verified: written before artifacts carried digests")
+    print(json.dumps(meta, indent=2))
 
 
 def _merge(args, overrides) -> None:
@@ -97,7 +121,7 @@ def _merge(args, overrides) -> None:
 
     cfg = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     out = run_merge(cfg, args.workdir, overwrite=args.overwrite)
-    print(json.dumps({k: out[k] for k in ("method", "avg_accuracy", "accuracy")}, indent=2))
+    print(json.dumps({k: out[k] for k in ("method", "metrics", "avg_accuracy", "accuracy")}, indent=2))
 
 
 def _eval(args) -> None:

@@ -66,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
         "keep_checkpoints": 2,
         "select": "best",         # best (lowest mean validation loss) or last
         "on_nonfinite": "raise",  # raise (stop, name step and task) or skip (count and go on)
+        "max_skip_fraction": 0.25,  # skip mode: stop once more than this fraction of train.steps was skipped
         "loss_weights": (),       # fixed per-task loss weights; () = all 1
+        "curves": True,           # redraw workdir/curves.png at each evaluation (background thread)
     })
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_steps": 0,
@@ -189,10 +191,27 @@ def _check_values(cfg) -> None:
         raise ValueError(f"train.batch_size={t.batch_size} is not divisible by train.accum_steps={t.accum_steps}: "
                          "gradient accumulation splits each batch into equal micro-batches; make the batch "
                          "size a multiple of accum_steps")
+    f = float(t.max_skip_fraction)
+    if not 0.0 <= f <= 1.0:
+        raise ValueError(f"train.max_skip_fraction must be in [0, 1]; got {t.max_skip_fraction}")
+    if "optimizer" in cfg:
+        _check_optimizer(cfg.optimizer)
     if "optim" in cfg:
         from mtl.train.spec import OptimSpec
 
         OptimSpec.from_config(cfg.optim)  # unknown aggregator: lists the valid names
+
+
+def _check_optimizer(o) -> None:
+    import math
+
+    lr = float(o.lr)
+    if not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"optimizer.lr must be a positive finite number; got {o.lr} "
+                         "(a negative learning rate would train by gradient ascent)")
+    for k in ("warmup_steps", "weight_decay", "grad_clip", "momentum"):
+        if k in o and (o[k] is not None) and not float(o[k]) >= 0:
+            raise ValueError(f"optimizer.{k} must be >= 0; got {o[k]}")
 
 
 def with_defaults(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

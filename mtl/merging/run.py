@@ -106,6 +106,25 @@ def evaluate(apply_fn, params, data, tasks, batch_size=1000, split="test"):
     return acc
 
 
+def evaluate_tasks(apply_fn, params, data, tasks, batch_size=1000, split="test") -> dict:
+    """``{task: {"loss": mean, metric: mean, ...}}`` with each task's own loss and metrics
+    (``mtl.tasks.Task``: accuracy for classification heads, mse/mae for regression), as
+    ``mtl train`` reports them. ``tasks``: Task objects (from the artifact's metadata)."""
+    f = jax.jit(apply_fn)
+    out = {}
+    for task in tasks:
+        x, y = data[task.name][split]
+        fns = {"loss": task.loss, **dict(task.metrics)}
+        sums = dict.fromkeys(fns, 0.0)
+        for i in range(0, len(x), batch_size):
+            pred = f(params, x[i:i + batch_size])[task.name]
+            label = jnp.asarray(y[i:i + batch_size])
+            for k, fn in fns.items():
+                sums[k] += float(np.sum(np.asarray(fn(pred, label), np.float64)))
+        out[task.name] = {k: v / len(x) for k, v in sums.items()}
+    return out
+
+
 def linear_input_grams(graphdef, params, rest, x, prefix="encoder/"):
     """``{kernel path: XᵀX}`` of the inputs of every ``nnx.Linear`` under ``prefix`` on inputs ``x``."""
     from mtl.merging.regmean import gram
@@ -240,6 +259,15 @@ def merge(cfg, graphdef, rest, pre, fts, tasks, data, workdir=None):
     raise AssertionError(method)
 
 
+def metrics_markdown(name: str, metrics: dict, tasks) -> str:
+    """Per-task metrics of one merge as a markdown table (each task's own metrics)."""
+    lines = ["| method | task | metric | value |", "|---|---|---|---:|"]
+    for t in tasks:
+        for k, v in metrics[t].items():
+            lines.append(f"| {name} | {t} | {k} | {v:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
 def results_markdown(rows: dict, tasks) -> str:
     head = "| method | avg | " + " | ".join(tasks) + " |\n|---|---|" + "---|" * len(tasks) + "\n"
     lines = [f"| {m} | {100 * np.mean(list(a.values())):.1f} | " + " | ".join(f"{100 * a[t]:.1f}" for t in tasks)
@@ -259,13 +287,23 @@ def run_merge(cfg, workdir: str, *, overwrite: bool = False, data=None) -> dict:
     data = load_dataset(cfg) if data is None else data
     log(f"merge {cfg.method} of {len(tasks)} tasks: {', '.join(tasks)}")
     apply_fn, params, extras = merge(cfg, graphdef, rest, pre, fts, tasks, data, workdir)
+    from mtl.artifact import tasks_from_json
+
+    task_objs = {tk.name: tk for tk in tasks_from_json(meta["tasks"])}
+    missing = [t for t in tasks if t not in task_objs]
+    if missing:
+        raise ValueError(f"the pretrained artifact has no task {missing[0]!r} (its tasks: {', '.join(task_objs)})")
     if cfg.method == "individual":
         base = ad.apply_from_graphdef(graphdef, *rest)
-        acc = {t: evaluate(base, fts[t], data, [t], cfg.eval.batch_size, cfg.eval.split)[t] for t in tasks}
+        metrics = {t: evaluate_tasks(base, fts[t], data, [task_objs[t]], cfg.eval.batch_size, cfg.eval.split)[t]
+                   for t in tasks}
     else:
-        acc = evaluate(apply_fn, params, data, tasks, cfg.eval.batch_size, cfg.eval.split)
-    out = {"method": cfg.method, "name": cfg.name or cfg.method, "tasks": tasks, "accuracy": acc,
-           "avg_accuracy": float(np.mean(list(acc.values()))), "seconds": time.time() - t0}
+        metrics = evaluate_tasks(apply_fn, params, data, [task_objs[t] for t in tasks], cfg.eval.batch_size,
+                                 cfg.eval.split)
+    acc = {t: metrics[t]["accuracy"] for t in tasks if "accuracy" in metrics[t]}
+    out = {"method": cfg.method, "name": cfg.name or cfg.method, "tasks": tasks, "metrics": metrics,
+           "accuracy": acc, "avg_accuracy": float(np.mean(list(acc.values()))) if acc else None,
+           "seconds": time.time() - t0}
     for k in ("adapt_seconds", "objective_first_last", "twin_stored", "twin_dense"):
         if k in extras:
             out[k] = extras[k]
@@ -293,7 +331,9 @@ def run_merge(cfg, workdir: str, *, overwrite: bool = False, data=None) -> dict:
     with open(res_path, "w") as f:
         json.dump(out, f, indent=2)
     with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(results_markdown({out["name"]: acc}, tasks))
-    log(f"{out['name']}: average accuracy {100 * out['avg_accuracy']:.1f}% "
-        + " ".join(f"{t}={100 * a:.1f}" for t, a in acc.items()))
+        f.write(results_markdown({out["name"]: acc}, tasks) if len(acc) == len(tasks)
+                else metrics_markdown(out["name"], metrics, tasks))
+    log(f"{out['name']}: " + ", ".join(f"{t}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics[t].items())
+                                       for t in tasks)
+        + (f" | average accuracy {100 * out['avg_accuracy']:.1f}%" if acc else ""))
     return out

@@ -14,6 +14,7 @@ import jax
 import ml_collections
 
 from mtl import config as config_lib
+from mtl import integrity
 from mtl.train.loop import log, run
 from mtl.train.results import DELTA_M_DEFINITION, delta_m, format_results_table
 
@@ -62,8 +63,7 @@ def run_experiment(cfg, workdir: str, *, overwrite: bool = False, resume: bool =
     results["baselines"] = {t: {s: baselines[t][s][t] for s in ("val", "test")} for t in task_names}
     results["delta_m_definition"] = DELTA_M_DEFINITION
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        integrity.atomic_write_json(os.path.join(workdir, "results.json"), results, indent=2)
     log("\nTest results (model selected on validation):\n" + format_results_table(results, baselines))
     log(f"\nΔm% (test) = {results['delta_m_test']['delta_m']:+.2f}   "
         f"(validation: {results['delta_m_val']['delta_m']:+.2f})\n{DELTA_M_DEFINITION}")

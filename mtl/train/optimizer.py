@@ -27,6 +27,9 @@ def make_optimizer(name: str = "adamw", lr: float = 1e-3, steps: int = 1000, sch
                    grad_clip: float | None = None, b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
     if name not in OPTIMIZERS:
         raise unknown_name_error("optimizer", name, OPTIMIZERS)
+    if not float(lr) > 0 or float(lr) == float("inf"):
+        raise ValueError(f"learning rate must be a positive finite number; got {lr} "
+                         "(a negative one would train by gradient ascent)")
     sched = make_schedule(lr, steps, schedule, warmup_steps)
     if name == "adamw":
         tx = optax.adamw(sched, b1=b1, b2=b2, weight_decay=weight_decay)
