@@ -123,12 +123,29 @@ def form_taus(x0, xs, relative: bool, drop):
     ``raw`` is before the drop (what the finiteness probe looks at).  Both
     keep the parameters' dtype, exactly as materialised task vectors would.
     """
-    raw = [x - x0 for x in xs] if relative else list(xs)
+    raw = [_rounded(jnp.subtract, x, x0) for x in xs] if relative else list(xs)
     if drop is None:
         return raw, raw
     keys, keep_prob, scale = drop
-    return raw, [jnp.where(jax.random.bernoulli(key, keep_prob, t.shape), t * scale, 0).astype(t.dtype)
-                 for key, t in zip(keys, raw)]
+    return raw, [jnp.where(jax.random.bernoulli(key, keep_prob, t.shape), _rounded(jnp.multiply, t, scale), 0
+                           ).astype(t.dtype) for key, t in zip(keys, raw)]
+
+
+def _rounded(op, a, b):
+    """``op(a, b)`` in ``a``'s dtype, rounded to it even inside a fusion.
+
+    XLA:CPU computes bf16/f16 arithmetic in float32 and, inside one fused
+    kernel, may skip the rounding back ("excess precision"); a materialised
+    task vector is rounded.  An explicit ``reduce_precision`` of the float32
+    result keeps the fused kernels bit-identical to materialising ``τ``.
+    """
+    dt = jnp.result_type(a)
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits >= 32:
+        return op(a, b)
+    f = jnp.finfo(dt)
+    b = jnp.asarray(b, dt) if not hasattr(b, "dtype") or jnp.result_type(b) != dt else b
+    exact = op(a.astype(jnp.float32), b.astype(jnp.float32))
+    return jax.lax.reduce_precision(exact, exponent_bits=f.nexp, mantissa_bits=f.nmant).astype(dt)
 
 
 def kernel_flags(x0, xs, relative: bool, probe):
