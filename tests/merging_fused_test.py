@@ -133,6 +133,7 @@ CASES = [
     ("dare", {"p": 0.5, "seed": 1, "then": "ties", "k": 100.0, "mode": "mean"}),
     ("dare", {"p": 0.6, "seed": 2, "then": "ties", "k": 30.0, "mode": "sum", "lam": 0.5}),
 ]
+FAST = [CASES[i] for i in (1, 2, 4, 9)]  # the default run: each kernel family once (the rest: -m slow)
 
 
 def assert_bits_equal(got, want, msg):
@@ -141,13 +142,14 @@ def assert_bits_equal(got, want, msg):
     np.testing.assert_array_equal(g.view(np.uint8), w.view(np.uint8), err_msg=msg)
 
 
+@pytest.mark.parametrize("cases", [FAST, pytest.param(CASES, marks=pytest.mark.slow)], ids=["fast", "all"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("ties_heavy", [False, True])
-def test_fused_equals_reference_bit_for_bit(dtype, ties_heavy):
+def test_fused_equals_reference_bit_for_bit(dtype, ties_heavy, cases):
     pre, fts = make_models(0, dtype, ties_heavy)
     exclude = ["scale"]
     tvs = mm.task_vectors(fts, pre, exclude=exclude)
-    for name, hp in CASES:
+    for name, hp in cases:
         want = ref_merge(name, pre, tvs, hp)
         got = mm.flatten(mm.MERGERS[name](pre, tvs, **hp))
         streamed = mm.merge_stream(name, pre, fts, exclude=exclude, **hp)
@@ -168,8 +170,10 @@ def test_combine_layerwise_equals_reference():
         assert_bits_equal(streamed[p], want, p)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_sharded_equals_unsharded(dtype):
+@pytest.mark.parametrize("dtype,cases", [(jnp.bfloat16, FAST[1:]),
+                                         pytest.param(jnp.float32, CASES, marks=pytest.mark.slow),
+                                         pytest.param(jnp.bfloat16, CASES, marks=pytest.mark.slow)])
+def test_sharded_equals_unsharded(dtype, cases):
     mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
     pre, fts = make_models(2, dtype, ties_heavy=True)
 
@@ -180,7 +184,7 @@ def test_sharded_equals_unsharded(dtype):
     spre, sfts = shard(pre), [shard(f) for f in fts]
     assert len(spre["enc/layers/0/kernel"].sharding.device_set) == 8
     tvs, stvs = mm.task_vectors(fts, pre), mm.task_vectors(sfts, spre)
-    for name, hp in CASES:
+    for name, hp in cases:
         want = mm.flatten(mm.MERGERS[name](pre, tvs, **hp))
         got = mm.flatten(mm.MERGERS[name](spre, stvs, **hp))
         streamed = mm.merge_stream(name, spre, sfts, **hp)

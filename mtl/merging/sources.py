@@ -242,6 +242,21 @@ def _exact_finite(xs) -> list[bool]:
     return flags
 
 
+def _on_device(xs: list) -> list:
+    """Host (numpy) arrays moved to the default device in one call; device arrays (sharded or not) as they are.
+
+    On CPU, ``jax.device_put`` of a 64-byte-aligned numpy array (e.g. a
+    memory-mapped ``.npy`` or safetensors tensor) aliases it without a copy.
+    """
+    host = [i for i, x in enumerate(xs) if isinstance(x, np.ndarray)]
+    if host:
+        moved = jax.device_put([xs[i] for i in host])
+        xs = list(xs)
+        for i, m in zip(host, moved):
+            xs[i] = m
+    return xs
+
+
 def _desc(x) -> str:
     return f"{tuple(np.shape(x))} {jnp.result_type(x)}"
 
@@ -312,7 +327,7 @@ class _StreamState:
     def theta0(self, path):
         if self._cache is None or self._cache[0] != path:
             self._cache = None  # drop the previous tensor before loading the next
-            self._cache = (path, jnp.asarray(self.pre.load(path)))
+            self._cache = (path, _on_device([self.pre.load(path)])[0])
         return self._cache[1]
 
     def operands(self, path):
@@ -323,7 +338,7 @@ class _StreamState:
             if np.shape(x) != np.shape(x0) or jnp.result_type(x) != jnp.result_type(x0):
                 raise ValueError(f"parameter {path!r} differs: 'pretrained' has {_desc(x0)}, {name!r} has {_desc(x)}")
             out.append(x)
-        return out
+        return _on_device(out)
 
     def _exact_finite(self, path):
         return _exact_finite([self.pre.load(path)] + [src.load(path) for src in self.fts])
