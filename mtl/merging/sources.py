@@ -14,6 +14,7 @@ loading.  A plain (nested or flat) dict qualifies: :func:`as_source` wraps it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
@@ -83,12 +84,11 @@ class MergeInputs:
     sizes: Mapping[str, int] | None = None  # number of entries per path, where known without loading
 
     def taus(self, path: str) -> list:
-        """The task vectors at ``path`` as arrays (without DARE's drop): for code that needs them whole."""
-        xs = self.operands(path)
-        if not self.relative:
-            return list(xs)
-        x0 = self.theta0(path)
-        return [_sub(x, x0) for x in xs]
+        """The task vectors at ``path`` (after DARE's drop, if any) as arrays, for code that needs them whole."""
+        if not self.relative and self.drop is None:
+            return list(self.operands(path))
+        theta0, operands, drop = self.read(path)
+        return _materialise(theta0, operands, drop, relative=self.relative)
 
     def with_taus(self, taus: Callable[[str], list]) -> "MergeInputs":
         return dataclasses.replace(self, operands=taus, relative=False, drop=None)
@@ -214,9 +214,9 @@ class Checks:
         raise ValueError(f"parameter {p!r} of {self.names[i]!r} has non-finite values (NaN or inf)")
 
 
-@jax.jit
-def _sub(a, b):
-    return a - b
+@functools.partial(jax.jit, static_argnames="relative")
+def _materialise(theta0, operands, drop, *, relative):
+    return form_taus(theta0, operands, relative, drop)[1]
 
 
 @jax.jit

@@ -7,7 +7,10 @@ such as ``k`` and ``mode``, must be static).  ``task_vectors`` come from
 ``pretrained``.  Merges compute in at least float32 and return each tensor in
 the pretrained dtype.  Each method also has a ``*_core`` that runs tensor by
 tensor (see :mod:`mtl.merging.sources`), used unchanged by the streaming
-driver.
+driver: per tensor, one fused jitted kernel reads ``θ0`` and the ``K``
+operands once (``τ_k``, or ``θ_k`` with ``τ_k`` formed inside), applies
+DARE's drop inside when DARE comes first, and returns the merged tensor with
+flags for the input checks, which run once after the last tensor.
 """
 from __future__ import annotations
 

@@ -174,8 +174,7 @@ def ties_thresholds_of(inp: MergeInputs, k: float):
     n_keep = num_keep(k, n_total)
     if n_keep == 0 or not inp.paths:
         return jnp.full((num,), jnp.inf, jnp.float32)
-    radix = lambda: radix_thresholds(  # noqa: E731
-        inp.paths, inp.taus if inp.drop is None else _dropped_taus(inp), num, k)
+    radix = lambda: radix_thresholds(inp.paths, inp.taus, num, k)  # noqa: E731
     # 1. sample
     stride, samples, offset = _stride(n_total), [], 0
     for i, p in enumerate(inp.paths):
@@ -231,21 +230,6 @@ def ties_thresholds_of(inp: MergeInputs, k: float):
     if not ok.all():  # a bracket missed: the exact radix select for every task (rare)
         return radix()
     return jnp.asarray(out.view(np.float32))
-
-
-def _dropped_taus(inp: MergeInputs):
-    """``path -> [τ_k after DARE's drop]``, materialised (the radix fallback's input)."""
-
-    def taus(p):
-        theta0, operands, drop = inp.read(p)
-        return _materialise(theta0, operands, drop, relative=inp.relative)
-
-    return taus
-
-
-@functools.partial(jax.jit, static_argnames="relative")
-def _materialise(theta0, operands, drop, *, relative):
-    return form_taus(theta0, operands, relative, drop)[1]
 
 
 def kth_largest_magnitudes(paths, taus, num_tasks: int, k: float):
