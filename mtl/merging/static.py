@@ -22,9 +22,10 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtl.merging.sources import DropSpec, MergeInputs, form_taus, kernel_flags, run_tree
-from mtl.merging.topk import kth_largest_magnitudes, magnitude, ties_thresholds_of
+from mtl.merging.topk import kth_largest_magnitudes, magnitude, num_keep, ties_thresholds_of
 from mtl.merging.tree import PyTree, check_compatible, flatten
 
 __all__ = [
@@ -179,7 +180,14 @@ def _check_ties(k, mode):
 
 def ties_core(inp: MergeInputs, *, k: float = 20.0, lam: float = 1.0, mode: str = "mean"):
     _check_ties(k, mode)
-    thresholds = ties_thresholds_of(inp, k)
+    sizes = inp.sizes if inp.sizes is not None else {p: int(np.size(inp.theta0(p))) for p in inp.paths}
+    n_total = sum(sizes[p] for p in inp.paths)
+    if inp.paths and num_keep(k, n_total) == n_total:
+        # keep everything (DARE-TIES' k = 100): threshold 0 keeps exactly the entries the exact threshold
+        # (the smallest magnitude) keeps, all but NaN, without the two threshold passes
+        thresholds = jnp.zeros((inp.num_tasks,), jnp.float32)
+    else:
+        thresholds = ties_thresholds_of(inp, k)
     yield from run_kernel(inp, ties_kernel, thresholds, lam, mode=mode)
 
 
