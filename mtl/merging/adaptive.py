@@ -42,6 +42,7 @@ TIES-elected sign).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -96,12 +97,21 @@ def ties_masked_vectors(task_vectors: Sequence[PyTree], k: float = 20.0) -> list
             for o in out:
                 o[p] = None
             continue
-        kept = jnp.stack([jnp.where(magnitude(f[p]) >= thr[i], f[p], 0) for i, f in enumerate(flats)])
-        elected = jnp.sign(jnp.sum(kept.astype(jnp.float32), axis=0))
-        agree = (jnp.sign(kept) == elected) & (elected != 0)
-        for i in range(len(flats)):
-            out[i][p] = jnp.where(agree[i], kept[i], 0).astype(v.dtype)
+        for i, m in enumerate(_ties_mask([f[p] for f in flats], thr)):
+            out[i][p] = m
     return [unflatten(o, like=task_vectors[0]) for o in out]
+
+
+@jax.jit
+def _ties_mask(taus, thr):
+    """Per task ``τ_k`` trimmed at ``thr[k]`` and kept where it agrees with the elected sign.
+
+    Sums over the K tasks run over the Python list, not over the leading axis
+    of a stacked ``[K, ...]`` array (a slow XLA:CPU path).
+    """
+    kept = [jnp.where(magnitude(t) >= thr[i], t, 0) for i, t in enumerate(taus)]
+    elected = jnp.sign(functools.reduce(jnp.add, [x.astype(jnp.float32) for x in kept]))
+    return [jnp.where((jnp.sign(x) == elected) & (elected != 0), x, 0).astype(t.dtype) for x, t in zip(kept, taus)]
 
 
 def random_partitions(stacked: Mapping[str, Any], num_parts: int, seed: int = 0) -> dict[str, jax.Array] | None:
@@ -158,8 +168,8 @@ def merge_stacked(theta0: Mapping[str, Any], stacked: Mapping[str, Any], coeffs,
                 if c.shape[1] != 1:
                     raise ValueError(f"{p!r}: {c.shape[1]} blocks per task need partitions")
                 delta = jnp.tensordot(c[:, 0], tau.astype(ct), axes=1)
-            else:
-                delta = jnp.sum(c[:, partitions[p]] * tau.astype(ct), axis=0)
+            else:  # a sum over the K slices, not over the leading axis of the stack (slow on XLA:CPU)
+                delta = functools.reduce(jnp.add, [c[k, partitions[p]] * tau[k].astype(ct) for k in range(c.shape[0])])
         else:
             delta = jnp.tensordot(c, tau.astype(ct), axes=1)
         out[p] = (t0.astype(ct) + delta).astype(t0.dtype)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl.merging.sources import MergeInputs, as_source, run_tree
-from mtl.merging.static import compute_dtype
+from mtl.merging.static import compute_dtype, fused, input_probe, run_kernel
 from mtl.merging.tree import PyTree
 
 __all__ = ["fisher", "fisher_core", "estimate_fisher", "FISHER_LABELS"]
@@ -21,8 +21,8 @@ __all__ = ["fisher", "fisher_core", "estimate_fisher", "FISHER_LABELS"]
 FISHER_LABELS = ("sample", "argmax", "expected")
 
 
-@jax.jit
-def _fisher_kernel(theta0, taus, fishers, coeffs, eps):
+@fused
+def fisher_kernel(theta0, taus, raw, fishers, coeffs, eps):
     ct = compute_dtype(theta0.dtype)
     num = jnp.zeros(theta0.shape, ct)
     den = jnp.zeros(theta0.shape, ct)
@@ -30,7 +30,8 @@ def _fisher_kernel(theta0, taus, fishers, coeffs, eps):
         w = c * (f.astype(ct) + eps)
         num = num + w * t.astype(ct)
         den = den + w
-    return (theta0.astype(ct) + num / den).astype(theta0.dtype)
+    merged = (theta0.astype(ct) + num / den).astype(theta0.dtype)
+    return merged, (merged if taus is raw else input_probe(theta0, raw))
 
 
 def fisher_core(inp: MergeInputs, *, fishers, coeffs=None, eps: float = 1e-8):
@@ -42,7 +43,7 @@ def fisher_core(inp: MergeInputs, *, fishers, coeffs=None, eps: float = 1e-8):
     if c.shape != (inp.num_tasks,):
         raise ValueError(f"coeffs must have shape ({inp.num_tasks},), got {c.shape}")
     cs = [c[k] for k in range(inp.num_tasks)]
-    for p in inp.paths:
+    def fishers_at(p):
         theta0 = inp.theta0(p)
         fs = []
         for k, (s, h) in enumerate(zip(srcs, have)):
@@ -53,7 +54,9 @@ def fisher_core(inp: MergeInputs, *, fishers, coeffs=None, eps: float = 1e-8):
                 raise ValueError(f"Fisher estimate {k} for {p!r} has shape {np.shape(f)},"
                                  f" the parameter has {np.shape(theta0)}")
             fs.append(f)
-        yield p, _fisher_kernel(theta0, inp.taus(p), fs, cs, eps)
+        return fs, cs, eps
+
+    yield from run_kernel(inp, fisher_kernel, per_path=fishers_at)
 
 
 def fisher(pretrained: PyTree, task_vectors: Sequence[PyTree], *, fishers: Sequence[PyTree], coeffs=None,
@@ -120,7 +123,9 @@ def estimate_fisher(logits_fn, params: PyTree, inputs, *, labels: str = "sample"
     def batch_sum(params, xb, offset):
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(xb.shape[0]))
         sq = jax.vmap(lambda x, k: _per_example_sq_grads(logits_fn, params, x, k, labels))(xb, keys)
-        return jax.tree.map(lambda g: jnp.sum(g, axis=0), sq)
+        # tensordot, not a sum over the leading axis of the [B, ...] stack (a slow XLA:CPU path)
+        ones = jnp.ones((xb.shape[0],), jnp.float32)
+        return jax.tree.map(lambda g: jnp.tensordot(ones, g, axes=1), sq)
 
     if hasattr(inputs, "shape"):
         batches = (inputs[i:i + batch_size] for i in range(0, inputs.shape[0], batch_size))

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl.merging.sources import MergeInputs, run_tree
-from mtl.merging.static import _average_kernel, compute_dtype
+from mtl.merging.static import average_kernel, compute_dtype, fused, input_probe, run_kernel
 from mtl.merging.tree import PyTree, flatten
 
 __all__ = ["regmean", "regmean_core", "gram"]
@@ -54,8 +54,8 @@ def _rows(shape, d: int, path: str) -> int:
                      f" {tuple(shape)} multiply to {d}")
 
 
-@jax.jit
-def _regmean_kernel(theta0, taus, grams, alpha):
+@fused
+def regmean_kernel(theta0, taus, raw, grams, alpha):
     ct = compute_dtype(theta0.dtype)
     d = grams[0].shape[0]
     hi = jax.lax.Precision.HIGHEST
@@ -68,7 +68,7 @@ def _regmean_kernel(theta0, taus, grams, alpha):
     dead = jnp.diag(total) <= 0
     sol = jnp.linalg.solve(total + jnp.diag(dead.astype(ct)), rhs)
     sol = jnp.where(dead[:, None], sum(ts[1:], ts[0]) / len(ts), sol)
-    return (theta0.astype(ct) + sol.reshape(theta0.shape)).astype(theta0.dtype)
+    return (theta0.astype(ct) + sol.reshape(theta0.shape)).astype(theta0.dtype), input_probe(theta0, raw)
 
 
 def _validate_grams(grams, inp: MergeInputs):
@@ -95,12 +95,11 @@ def regmean_core(inp: MergeInputs, *, grams, alpha: float = 0.9):
         raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha}")
     flats = _validate_grams(grams, inp)
     for p in inp.paths:
-        theta0 = inp.theta0(p)
         if p in flats[0]:
-            _rows(np.shape(theta0), np.shape(flats[0][p])[0], p)
-            yield p, _regmean_kernel(theta0, inp.taus(p), [f[p] for f in flats], alpha)
+            _rows(np.shape(inp.theta0(p)), np.shape(flats[0][p])[0], p)
+            yield from run_kernel(inp, regmean_kernel, alpha, paths=(p,), per_path=lambda q: ([f[q] for f in flats],))
         else:
-            yield p, _average_kernel(theta0, inp.taus(p))
+            yield from run_kernel(inp, average_kernel, paths=(p,))
 
 
 def regmean(pretrained: PyTree, task_vectors: Sequence[PyTree], *, grams: Sequence[Mapping], alpha: float = 0.9

@@ -14,7 +14,9 @@ loading.  A plain (nested or flat) dict qualifies: :func:`as_source` wraps it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,7 +26,8 @@ import numpy as np
 
 from mtl.merging.tree import PyTree, check_compatible, flatten, is_traced, path_filter, unflatten
 
-__all__ = ["Source", "DictSource", "as_source", "MergeInputs", "run_tree", "stream_inputs"]
+__all__ = ["Source", "DictSource", "as_source", "MergeInputs", "DropSpec", "Checks", "run_tree", "stream_inputs",
+           "form_taus", "kernel_flags"]
 
 
 @runtime_checkable
@@ -60,16 +63,198 @@ def as_source(obj) -> Source:
 
 @dataclasses.dataclass(frozen=True)
 class MergeInputs:
-    """What a merge core reads: the included paths, ``θ0`` and the ``K`` task vectors per path."""
+    """What a merge core reads at each included path: ``θ0`` and ``K`` operand tensors.
+
+    The operands are the task vectors ``τ_k`` (pytree API) or, with
+    ``relative=True`` (streaming), the fine-tuned tensors ``θ_k``: the fused
+    kernels form ``τ_k = θ_k − θ0`` themselves and never write it out.
+    ``drop`` (DARE) makes the kernels drop and rescale entries of each ``τ_k``
+    first.  Kernels return per-tensor flags that the cores hand to
+    :meth:`record`; :class:`Checks` inspects them once at the end.
+    """
 
     paths: tuple[str, ...]
     num_tasks: int
     theta0: Callable[[str], Any]
-    taus: Callable[[str], list]
+    operands: Callable[[str], list]
+    relative: bool = False
     streaming: bool = False
+    checks: "Checks | None" = None
+    drop: "DropSpec | None" = None
+    sizes: Mapping[str, int] | None = None  # number of entries per path, where known without loading
+
+    def taus(self, path: str) -> list:
+        """The task vectors at ``path`` (after DARE's drop, if any) as arrays, for code that needs them whole."""
+        if not self.relative and self.drop is None:
+            return list(self.operands(path))
+        theta0, operands, drop = self.read(path)
+        return _materialise(theta0, operands, drop, relative=self.relative)
 
     def with_taus(self, taus: Callable[[str], list]) -> "MergeInputs":
-        return dataclasses.replace(self, taus=taus)
+        return dataclasses.replace(self, operands=taus, relative=False, drop=None)
+
+    def read(self, path: str):
+        """``(θ0, operands, drop)`` at ``path``: the arguments of a fused kernel."""
+        drop = None if self.drop is None else self.drop.at(path, self.num_tasks)
+        return self.theta0(path), self.operands(path), drop
+
+    def record(self, path: str, flags) -> None:
+        if self.checks is not None:
+            self.checks.add(path, flags)
+
+
+@dataclasses.dataclass(frozen=True)
+class DropSpec:
+    """DARE's drop: task ``k`` at ``path`` keeps an entry with ``bernoulli(path_key(key, k, path), keep_prob)``."""
+
+    key: Any
+    keep_prob: float
+    scale: float
+
+    def at(self, path: str, num_tasks: int):
+        k = jax.random.fold_in  # the key of one tensor: fold_in(fold_in(key, task), crc32(path))
+        crc = zlib.crc32(path.encode())
+        return [k(k(self.key, t), crc) for t in range(num_tasks)], self.keep_prob, self.scale
+
+
+def form_taus(x0, xs, relative: bool, drop):
+    """Inside a kernel: ``(raw, taus)``: ``τ_k`` (``θ_k − θ0`` when ``relative``), then DARE's drop if any.
+
+    ``raw`` is before the drop (what the finiteness probe looks at).  Both
+    keep the parameters' dtype, exactly as materialised task vectors would.
+    """
+    raw = [_rounded(jnp.subtract, x, x0) for x in xs] if relative else list(xs)
+    if drop is None:
+        return raw, raw
+    keys, keep_prob, scale = drop
+    return raw, [jnp.where(jax.random.bernoulli(key, keep_prob, t.shape), _rounded(jnp.multiply, t, scale), 0
+                           ).astype(t.dtype) for key, t in zip(keys, raw)]
+
+
+def _rounded(op, a, b):
+    """``op(a, b)`` in ``a``'s dtype, rounded to it even inside a fusion.
+
+    XLA:CPU computes bf16/f16 arithmetic in float32 and, inside one fused
+    kernel, may skip the rounding back ("excess precision"); a materialised
+    task vector is rounded.  An explicit ``reduce_precision`` of the float32
+    result keeps the fused kernels bit-identical to materialising ``τ``.
+    """
+    dt = jnp.result_type(a)
+    if not jnp.issubdtype(dt, jnp.floating) or jnp.finfo(dt).bits >= 32:
+        return op(a, b)
+    f = jnp.finfo(dt)
+    b = jnp.asarray(b, dt) if not hasattr(b, "dtype") or jnp.result_type(b) != dt else b
+    exact = op(a.astype(jnp.float32), b.astype(jnp.float32))
+    return jax.lax.reduce_precision(exact, exponent_bits=f.nexp, mantissa_bits=f.nmant).astype(dt)
+
+
+def kernel_flags(x0, xs, relative: bool, probe):
+    """Inside a kernel: float32 ``[1 + K]``: ``[0]`` is 0 iff ``probe`` is finite; ``[1 + k]`` is 1 where a
+    strided sample of ``τ_k`` (at most 8 entries per axis) is nonzero.
+
+    ``probe`` is any array that is non-finite wherever an input is (the
+    merged tensor of a linear merge, ``θ0 + Σ τ_k`` otherwise); a flagged
+    tensor is re-checked exactly at the end, so an overflow in finite inputs
+    raises nothing.  A model whose samples are all zero is checked exactly too.
+    """
+    fin = jnp.sum(jax.lax.optimization_barrier(probe).astype(jnp.float32) * 0)
+    sl = tuple(slice(None, None, max(1, n // 8)) for n in np.shape(x0))
+    nz = [jnp.any(x[sl] != x0[sl]) if relative else jnp.any(x[sl] != 0) for x in xs]
+    return jnp.stack([fin] + [n.astype(jnp.float32) for n in nz])
+
+
+class Checks:
+    """Finiteness and "identical to θ0" checks of one merge, from the kernels' flags, done once at the end.
+
+    ``exact_finite(path) -> [θ0 finite, operand 1 finite, ...]`` and
+    ``exact_nonzero(path, k) -> bool`` are the slow exact checks, run only on
+    the paths a flag points at (and on paths no kernel reported).
+    ``order="names"`` raises for the first name (θ0 first) with a non-finite
+    tensor anywhere, ``"paths"`` for the first path.
+    """
+
+    def __init__(self, paths, names, exact_finite, exact_nonzero, *, check_finite=True, order="paths",
+                 warning=None):
+        self.paths, self.names = list(paths), list(names)
+        self.exact_finite, self.exact_nonzero = exact_finite, exact_nonzero
+        self.check_finite, self.order = check_finite, order
+        self.warning = warning or (lambda name: f"{name!r} is identical to 'pretrained' on all merged parameters:"
+                                   " its task vector is zero")
+        self.flags: dict[str, Any] = {}
+
+    def add(self, path, flags):
+        self.flags[path] = flags
+
+    def _traced(self) -> bool:
+        return any(is_traced(f) for f in self.flags.values())
+
+    def finish(self, stacklevel: int = 3) -> None:
+        """Raise ``ValueError`` naming the first non-finite tensor; warn for each model equal to θ0."""
+        if self._traced():
+            return
+        got = dict(zip(self.flags, jax.device_get(list(self.flags.values()))))  # the one host sync
+        unflagged = [p for p in self.paths if p not in got]
+        if self.check_finite:
+            suspect = [p for p in self.paths if p in unflagged or got[p][0] != 0]
+            self._raise_non_finite(suspect)
+        num = len(self.names) - 1
+        seen = [any(p in got and got[p][1 + k] > 0 for p in self.paths) for k in range(num)]
+        for k in range(num):
+            if not seen[k] and not any(self.exact_nonzero(p, k) for p in self.paths):
+                warnings.warn(self.warning(self.names[1 + k]), UserWarning, stacklevel=stacklevel)
+
+    def _raise_non_finite(self, suspect):
+        if not suspect:
+            return
+        exact = {p: self.exact_finite(p) for p in suspect}
+        bad = [(i, p) for p in suspect for i, ok in enumerate(exact[p]) if not ok]
+        if not bad:
+            return  # finite inputs whose merge overflowed: not an input error
+        i, p = min(bad, key=(lambda b: b[0]) if self.order == "names" else (lambda b: suspect.index(b[1])))
+        raise ValueError(f"parameter {p!r} of {self.names[i]!r} has non-finite values (NaN or inf)")
+
+
+@functools.partial(jax.jit, static_argnames="relative")
+def _materialise(theta0, operands, drop, *, relative):
+    return form_taus(theta0, operands, relative, drop)[1]
+
+
+@jax.jit
+def _finite(xs):
+    return [jnp.all(jnp.isfinite(x)) for x in xs]
+
+
+@jax.jit
+def _any_nonzero(x):
+    return jnp.any(x != 0)
+
+
+@jax.jit
+def _any_differs(x, x0):
+    return jnp.any(x != x0)
+
+
+def _exact_finite(xs) -> list[bool]:
+    inexact = [i for i, x in enumerate(xs) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    flags = [True] * len(xs)
+    for i, f in zip(inexact, jax.device_get(_finite([xs[i] for i in inexact]))):
+        flags[i] = bool(f)
+    return flags
+
+
+def _on_device(xs: list) -> list:
+    """Host (numpy) arrays moved to the default device in one call; device arrays (sharded or not) as they are.
+
+    On CPU, ``jax.device_put`` of a 64-byte-aligned numpy array (e.g. a
+    memory-mapped ``.npy`` or safetensors tensor) aliases it without a copy.
+    """
+    host = [i for i, x in enumerate(xs) if isinstance(x, np.ndarray)]
+    if host:
+        moved = jax.device_put([xs[i] for i in host])
+        xs = list(xs)
+        for i, m in zip(host, moved):
+            xs[i] = m
+    return xs
 
 
 def _desc(x) -> str:
@@ -103,67 +288,69 @@ def _tree_inputs(pretrained: PyTree, task_vectors: Sequence[PyTree], names=None)
                 raise ValueError(f"task vectors have parameter {p!r} but the pretrained value is None")
             included.append(p)
     inc = lambda flat: {p: flat[p] for p in included}  # noqa: E731
-    check_compatible(inc(pre), *[inc(tv) for tv in tvs], names=["pretrained"] + names, warn_identical=False)
-    for name, tv in zip(names, tvs):
-        vals = [tv[p] for p in included]
-        if vals and not any(is_traced(v) for v in vals) and not any(bool(jnp.any(v != 0)) for v in vals):
-            warnings.warn(f"{name!r} is all zeros: that model equals the pretrained one", UserWarning, stacklevel=3)
+    check_compatible(inc(pre), *[inc(tv) for tv in tvs], names=["pretrained"] + names, check_finite=False,
+                     warn_identical=False)
+    checks = Checks(included, ["pretrained"] + names,
+                    exact_finite=lambda p: _exact_finite([pre[p]] + [tv[p] for tv in tvs]),
+                    exact_nonzero=lambda p, k: bool(_any_nonzero(tvs[k][p])), order="names",
+                    warning=lambda name: f"{name!r} is all zeros: that model equals the pretrained one")
     inp = MergeInputs(paths=tuple(included), num_tasks=len(tvs), theta0=pre.__getitem__,
-                      taus=lambda p: [tv[p] for tv in tvs])
+                      operands=lambda p: [tv[p] for tv in tvs], checks=checks,
+                      sizes={p: int(np.size(pre[p])) for p in included})
     return inp, pre
 
 
 def run_tree(core, pretrained: PyTree, task_vectors: Sequence[PyTree], **hparams) -> PyTree:
-    """Run a merge core on in-memory task vectors; excluded paths keep ``θ0``."""
+    """Run a merge core on in-memory task vectors; excluded paths keep ``θ0``.
+
+    Inputs are checked (finite; warn for an all-zero task vector) once, after
+    the merge, from the flags the kernels return.
+    """
     inp, pre = _tree_inputs(pretrained, task_vectors)
     out = dict(pre)
     for path, merged in core(inp, **hparams):
         out[path] = merged
+    inp.checks.finish(stacklevel=4)
     return unflatten(out, like=pretrained)
 
 
-@jax.jit
-def _sub_and_stats(theta, theta0):
-    tau = theta - theta0
-    return tau, jnp.all(jnp.isfinite(theta)), jnp.any(tau != 0)
-
-
 class _StreamState:
-    def __init__(self, pre, fts, names, check_finite):
+    """Reads sources for :func:`stream_inputs`: ``θ0`` once per path (moved to the device once), the
+    fine-tuned tensors as they come; its :class:`Checks` run in :meth:`finish`."""
+
+    def __init__(self, pre, fts, names, check_finite, paths):
         self.pre, self.fts, self.names, self.check_finite = pre, fts, names, check_finite
-        self.nonzero = [False] * len(fts)
-        self.checked: set[str] = set()
         self._cache: tuple[str, Any] | None = None
+        self.checks = Checks(paths, ["pretrained"] + list(names), self._exact_finite, self._exact_nonzero,
+                             check_finite=check_finite, order="paths")
 
     def theta0(self, path):
         if self._cache is None or self._cache[0] != path:
-            x = self.pre.load(path)
-            if self.check_finite and path not in self.checked and not bool(jnp.all(jnp.isfinite(x))):
-                raise ValueError(f"parameter {path!r} of 'pretrained' has non-finite values (NaN or inf)")
-            self._cache = (path, x)
+            self._cache = None  # drop the previous tensor before loading the next
+            self._cache = (path, _on_device([self.pre.load(path)])[0])
         return self._cache[1]
 
-    def taus(self, path):
+    def operands(self, path):
         x0 = self.theta0(path)
         out = []
-        for k, (src, name) in enumerate(zip(self.fts, self.names)):
+        for src, name in zip(self.fts, self.names):
             x = src.load(path)
             if np.shape(x) != np.shape(x0) or jnp.result_type(x) != jnp.result_type(x0):
                 raise ValueError(f"parameter {path!r} differs: 'pretrained' has {_desc(x0)}, {name!r} has {_desc(x)}")
-            tau, finite, nonzero = _sub_and_stats(x, x0)
-            if path not in self.checked:
-                if self.check_finite and not bool(finite):
-                    raise ValueError(f"parameter {path!r} of {name!r} has non-finite values (NaN or inf)")
-                self.nonzero[k] = self.nonzero[k] or bool(nonzero)
-            out.append(tau)
-        self.checked.add(path)
-        return out
+            out.append(x)
+        return _on_device(out)
 
-    def warn_identical(self):
-        for k, name in enumerate(self.names):
-            if self.checked and not self.nonzero[k]:
-                warnings.warn(f"{name!r} is identical to 'pretrained' on all merged parameters:"
-                              " its task vector is zero", UserWarning, stacklevel=3)
+    def _exact_finite(self, path):
+        return _exact_finite([self.pre.load(path)] + [src.load(path) for src in self.fts])
+
+    def _exact_nonzero(self, path, k):
+        return bool(_any_differs(self.fts[k].load(path), self.theta0(path)))
+
+    def finish(self):
+        """Raise for the first non-finite input tensor; warn for each model identical to ``pretrained``."""
+        self.checks.finish(stacklevel=4)
+
+    warn_identical = finish  # the name the streaming driver used before the checks moved here
 
 
 def _is_float_dtype(dtype) -> bool:
@@ -173,6 +360,9 @@ def _is_float_dtype(dtype) -> bool:
 def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, names=None,
                   check_finite: bool = True):
     """Lazy :class:`MergeInputs` over sources; returns ``(inputs, copied_paths, state)``.
+
+    The inputs' operands are the fine-tuned tensors (``relative=True``);
+    call ``state.finish()`` after the merge for the input checks.
 
     ``copied_paths`` are pretrained paths that are not merged (excluded by the
     filters or non-floating) and are copied from ``pretrained``.
@@ -185,13 +375,14 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
     keep = path_filter(include, exclude)
     pre_paths = list(pre.paths())
     pre_set = set(pre_paths)
-    included, copied = [], []
+    included, copied, sizes = [], [], {}
     for p in pre_paths:
         spec = pre.spec(p) if hasattr(pre, "spec") else pre.load(p)
         if spec is None or not keep(p) or not _is_float_dtype(jnp.result_type(spec.dtype)):
             copied.append(p)
         else:
             included.append(p)
+            sizes[p] = int(np.prod(spec.shape, dtype=np.int64))
     for src, name in zip(fts, names):
         ft_paths = set(src.paths())
         for p in included:
@@ -201,7 +392,7 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
             if keep(p):
                 raise ValueError(f"{name!r} has parameter {p!r} that 'pretrained' lacks;"
                                  f" exclude it (e.g. exclude=[{p!r}]) and keep it yourself")
-    state = _StreamState(pre, fts, names, check_finite)
-    inp = MergeInputs(paths=tuple(included), num_tasks=len(fts), theta0=state.theta0, taus=state.taus,
-                      streaming=True)
+    state = _StreamState(pre, fts, names, check_finite, included)
+    inp = MergeInputs(paths=tuple(included), num_tasks=len(fts), theta0=state.theta0, operands=state.operands,
+                      relative=True, streaming=True, checks=state.checks, sizes=sizes)
     return inp, copied, state

@@ -7,19 +7,25 @@ such as ``k`` and ``mode``, must be static).  ``task_vectors`` come from
 ``pretrained``.  Merges compute in at least float32 and return each tensor in
 the pretrained dtype.  Each method also has a ``*_core`` that runs tensor by
 tensor (see :mod:`mtl.merging.sources`), used unchanged by the streaming
-driver.
+driver: per tensor, one fused jitted kernel reads ``θ0`` and the ``K``
+operands once (``τ_k``, or ``θ_k`` with ``τ_k`` formed inside), applies
+DARE's drop inside when DARE comes first, and returns the merged tensor with
+flags for the input checks, which run once after the last tensor.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import zlib
 from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from mtl.merging.sources import MergeInputs, run_tree
-from mtl.merging.topk import kth_largest_magnitudes, magnitude
+from mtl.merging.sources import DropSpec, MergeInputs, form_taus, kernel_flags, run_tree
+from mtl.merging.topk import kth_largest_magnitudes, magnitude, num_keep, ties_thresholds_of
 from mtl.merging.tree import PyTree, check_compatible, flatten
 
 __all__ = [
@@ -34,38 +40,73 @@ def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-# ---------------------------------------------------------------- kernels (one tensor)
+# ---------------------------------------------------------------- fused kernels (one tensor)
+#
+# Each kernel is ONE jitted function per tensor: it reads θ0 and the K
+# operands once (task vectors, or fine-tuned tensors when ``relative``: then
+# τ_k = θ_k − θ0 is formed inside, in the parameters' dtype as a materialised
+# task vector would be, and never written out), applies DARE's drop if given,
+# and returns ``(merged, flags)`` (:func:`mtl.merging.sources.kernel_flags`).
+# Sums over the K tasks are written over the Python list (never a reduction
+# over the leading axis of a stacked [K, ...] array: a slow XLA:CPU path).
 
-@jax.jit
-def _average_kernel(theta0, taus):
+def _fold(op, xs):
+    return functools.reduce(op, xs)
+
+
+def fused(body):
+    """A fused kernel ``kernel(theta0, operands, drop, *args, relative=..., **static) -> (merged, flags)``
+    from ``body(theta0, taus, raw, *args, **static) -> (merged, probe)``."""
+
+    def kernel(theta0, operands, drop, *args, relative: bool, **static):
+        raw, taus = form_taus(theta0, operands, relative, drop)
+        merged, probe = body(theta0, taus, raw, *args, **static)
+        return merged, kernel_flags(theta0, operands, relative, probe)
+
+    kernel.__name__ = body.__name__
+    return jax.jit(kernel, static_argnames=("relative",) + tuple(
+        n for n, p in inspect.signature(body).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY))
+
+
+def input_probe(theta0, raw):
+    """Non-finite wherever ``θ0`` or a (pre-drop) ``τ_k`` is: for merges that can drop entries."""
     ct = compute_dtype(theta0.dtype)
-    total = functools.reduce(jnp.add, [t.astype(ct) for t in taus])
-    return (theta0.astype(ct) + total / len(taus)).astype(theta0.dtype)
+    return theta0.astype(ct) + _fold(jnp.add, [t.astype(ct) for t in raw])
 
 
-@jax.jit
-def _combine_kernel(theta0, taus, coeffs):
+@fused
+def average_kernel(theta0, taus, raw):
+    ct = compute_dtype(theta0.dtype)
+    total = _fold(jnp.add, [t.astype(ct) for t in taus])
+    merged = (theta0.astype(ct) + total / len(taus)).astype(theta0.dtype)
+    return merged, (merged if taus is raw else input_probe(theta0, raw))
+
+
+@fused
+def combine_kernel(theta0, taus, raw, coeffs):
     ct = compute_dtype(theta0.dtype)
     acc = theta0.astype(ct)
     for t, c in zip(taus, coeffs):
         acc = acc + jnp.asarray(c, ct) * t.astype(ct)
-    return acc.astype(theta0.dtype)
+    merged = acc.astype(theta0.dtype)
+    return merged, (merged if taus is raw else input_probe(theta0, raw))
 
 
-@functools.partial(jax.jit, static_argnames="mode")
-def _ties_kernel(theta0, taus, thresholds, lam, mode):
+@fused
+def ties_kernel(theta0, taus, raw, thresholds, lam, *, mode):
     ct = compute_dtype(theta0.dtype)
-    kept = jnp.stack([jnp.where(magnitude(t) >= thresholds[k], t.astype(ct), 0) for k, t in enumerate(taus)])
-    elected = jnp.sign(jnp.sum(kept, axis=0))  # 0 where the trimmed entries sum to exactly 0
-    agree = (jnp.sign(kept) == elected) & (elected != 0)
-    picked = jnp.where(agree, kept, 0)
+    kept = [jnp.where(magnitude(t) >= thresholds[k], t.astype(ct), 0) for k, t in enumerate(taus)]
+    elected = jnp.sign(_fold(jnp.add, kept))  # 0 where the trimmed entries sum to exactly 0
+    agree = [(jnp.sign(x) == elected) & (elected != 0) for x in kept]
+    picked = [jnp.where(a, x, 0) for a, x in zip(agree, kept)]
     if mode == "sum":
-        merged = jnp.sum(picked, axis=0)
+        merged = _fold(jnp.add, picked)
     elif mode == "mean":
-        merged = jnp.sum(picked, axis=0) / jnp.maximum(jnp.sum(agree, axis=0), 1).astype(ct)
+        count = _fold(jnp.add, [a.astype(jnp.int32) for a in agree])
+        merged = _fold(jnp.add, picked) / jnp.maximum(count, 1).astype(ct)
     else:  # "max": the agreeing entry of largest magnitude
-        merged = elected * jnp.max(jnp.abs(picked), axis=0)
-    return (theta0.astype(ct) + lam * merged).astype(theta0.dtype)
+        merged = elected * _fold(jnp.maximum, [jnp.abs(x) for x in picked])
+    return (theta0.astype(ct) + lam * merged).astype(theta0.dtype), input_probe(theta0, raw)
 
 
 @jax.jit
@@ -76,9 +117,19 @@ def _dare_kernel(tau, key, keep_prob, scale):
 
 # ---------------------------------------------------------------- cores (path by path)
 
+def run_kernel(inp: MergeInputs, kernel, *args, per_path=None, paths=None, **static):
+    """Apply a fused kernel path by path (``paths``, default all); ``per_path(p)`` gives extra leading arguments."""
+    for p in inp.paths if paths is None else paths:
+        theta0, operands, drop = inp.read(p)
+        extra = () if per_path is None else per_path(p)
+        merged, flags = kernel(theta0, operands, drop, *extra, *args, relative=inp.relative, **static)
+        del theta0, operands, drop, extra  # hold no input tensor while the next one loads
+        inp.record(p, flags)
+        yield p, merged
+
+
 def average_core(inp: MergeInputs):
-    for p in inp.paths:
-        yield p, _average_kernel(inp.theta0(p), inp.taus(p))
+    yield from run_kernel(inp, average_kernel)
 
 
 def _coeff_getter(coeffs, paths, num_tasks):
@@ -113,8 +164,7 @@ def _coeff_getter(coeffs, paths, num_tasks):
 
 def combine_core(inp: MergeInputs, *, coeffs):
     get = _coeff_getter(coeffs, inp.paths, inp.num_tasks)
-    for p in inp.paths:
-        yield p, _combine_kernel(inp.theta0(p), inp.taus(p), get(p))
+    yield from run_kernel(inp, combine_kernel, per_path=lambda p: (get(p),))
 
 
 def task_arithmetic_core(inp: MergeInputs, *, lam: float = 0.3):
@@ -130,9 +180,15 @@ def _check_ties(k, mode):
 
 def ties_core(inp: MergeInputs, *, k: float = 20.0, lam: float = 1.0, mode: str = "mean"):
     _check_ties(k, mode)
-    thresholds = kth_largest_magnitudes(inp.paths, inp.taus, inp.num_tasks, k)
-    for p in inp.paths:
-        yield p, _ties_kernel(inp.theta0(p), inp.taus(p), thresholds, lam, mode)
+    sizes = inp.sizes if inp.sizes is not None else {p: int(np.size(inp.theta0(p))) for p in inp.paths}
+    n_total = sum(sizes[p] for p in inp.paths)
+    if inp.paths and num_keep(k, n_total) == n_total:
+        # keep everything (DARE-TIES' k = 100): threshold 0 keeps exactly the entries the exact threshold
+        # (the smallest magnitude) keeps, all but NaN, without the two threshold passes
+        thresholds = jnp.zeros((inp.num_tasks,), jnp.float32)
+    else:
+        thresholds = ties_thresholds_of(inp, k)
+    yield from run_kernel(inp, ties_kernel, thresholds, lam, mode=mode)
 
 
 def path_key(key, task: int, path: str):
@@ -151,14 +207,12 @@ def _as_key(key, seed):
 
 
 def _dare_inputs(inp: MergeInputs, p: float, key) -> MergeInputs:
+    """``inp`` with DARE's drop, applied inside the next merge's fused kernels (keys: :func:`path_key`)."""
     if not 0 <= p < 1:
         raise ValueError(f"DARE drop probability p must be in [0, 1), got {p}")
-    keep_prob, scale = 1.0 - p, 1.0 / (1.0 - p)
-
-    def taus(path):
-        return [_dare_kernel(t, path_key(key, k, path), keep_prob, scale) for k, t in enumerate(inp.taus(path))]
-
-    return inp.with_taus(taus)
+    if inp.drop is not None:
+        raise ValueError("DARE cannot be followed by DARE")
+    return dataclasses.replace(inp, drop=DropSpec(key, 1.0 - p, 1.0 / (1.0 - p)))
 
 
 def dare_core(inp: MergeInputs, *, p: float = 0.5, seed: int = 0, key=None, then: str = "task_arithmetic",

@@ -2,12 +2,17 @@
 
 ``merge_stream(method, pretrained, finetuned, ...)`` reads the ``K`` fine-tuned
 models (sources with ``paths()``/``load(path)``, or in-memory pytrees) one
-tensor at a time, forms ``τ_k = θ_k − θ0`` for that tensor, and runs the same
-jitted per-tensor kernels as the pytree API, so the results are bit-identical
-to ``MERGERS[method](pretrained, task_vectors(...))``.  TIES (also after
-DARE) first makes two histogram passes over all tensors for its exact global
-top-k threshold (:mod:`mtl.merging.topk`), so it reads every model three
-times; the other methods read each tensor once.  Pass ``sink(path, tensor)``
+tensor at a time and runs the same fused per-tensor kernels as the pytree API
+on ``θ0`` (moved to the device once per tensor) and the ``K`` fine-tuned
+tensors: ``τ_k = θ_k − θ0`` is formed inside the kernel and never written
+out, and the results are bit-identical to ``MERGERS[method](pretrained,
+task_vectors(...))``.  TIES (also after DARE) first reads every tensor twice
+for its exact global top-k threshold (a sample, then one counting pass:
+:mod:`mtl.merging.topk`), so it reads every model three times; the other
+methods read each tensor once.  Non-finite inputs and fine-tunes identical
+to ``pretrained`` are found from flags the kernels return, checked once
+after the last tensor: with a ``sink``, the error comes after every tensor
+was handed on, so a writer should commit its output only once this returns.  Pass ``sink(path, tensor)``
 to hand each merged tensor on (e.g. to a checkpoint writer) instead of
 keeping the result.  Sharded tensors stay sharded.  A pretrained source
 without ``spec(path)`` is read once more up front to learn each dtype.
@@ -44,7 +49,7 @@ def merge_stream(method: str, pretrained, finetuned: Sequence, *, include=None, 
         emit(p, state.pre.load(p))
     for p, x in core(inp):
         emit(p, x)
-    state.warn_identical()
+    state.finish()
     if sink is not None:
         return None
     return {p: out[p] for p in state.pre.paths() if p in out}

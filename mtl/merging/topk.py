@@ -1,30 +1,39 @@
-"""Exact global top-k magnitude threshold, one tensor at a time (TIES' trim step).
+"""Exact global top-k magnitude threshold (TIES' trim step): a sampled bracket plus one counting pass.
 
 The magnitude of an entry is ``|τ|`` cast to float32 (exact for bf16/f16/f32;
 float64 task vectors are compared after rounding to float32).  Non-negative
-float32 values order like their int32 bit patterns, so the k-th largest
-magnitude is found by an exact two-level radix select:
+float32 values order like their int32 bit patterns, so everything below works
+on bit patterns.  Per task, the threshold is the ``n``-th largest magnitude
+(``n = round(k N / 100)``) over all included entries; entries tied with it
+are all kept.  It is found in two reads of each tensor:
 
-1. pass 1 histograms the top 16 bits (``bits >> 15``, 65,536 bins) of every
-   entry of every tensor, and picks the bin holding the k-th largest entry;
-2. pass 2 histograms the low 15 bits of the entries inside that bin, which
-   pins the exact bit pattern of the k-th largest magnitude.
+1. *sample*: a strided sample of every tensor (about ``2**18`` entries per
+   task in all) brackets the ``n``-th largest value: ``[lo, hi]`` around its
+   sample estimate, several standard deviations of the sample quantile wide;
+2. *count*: one fused pass per tensor labels each entry above / inside /
+   below the bracket; the host counts the entries above and collects the few
+   inside, and the exact threshold is the ``(n − above)``-th largest of those.
 
-Each pass reads each tensor once and keeps only the histograms (per task), so
-streaming needs two reads of every model before the merge pass.  Counts are
-accumulated on the host in int64 (in int32 under tracing, where the total
-size must stay below 2**31).  The result equals sorting all magnitudes and
-taking the k-th largest.
+The bracket is checked (``above < n <= above + inside``); a task whose check
+fails, whose bracket holds too many entries, or any traced (jitted) call falls
+back to the exact two-level radix select (two histogram passes:
+:func:`radix_thresholds`).  Either way the result equals sorting all
+magnitudes and taking the ``n``-th largest.  Counts are exact (int64 on the
+host; int32 under tracing, where the total size must stay below 2**31).
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl.merging.sources import MergeInputs, form_taus
 from mtl.merging.tree import is_traced
 
-__all__ = ["num_keep", "kth_largest_magnitudes", "magnitude"]
+__all__ = ["num_keep", "kth_largest_magnitudes", "radix_thresholds", "ties_thresholds_of", "magnitude"]
 
 _HI_BINS = 1 << 16
 _LO_BITS = 15
@@ -70,15 +79,8 @@ def _pick(xp, hist, need):
     return b, at(ge) - at(hist)
 
 
-def kth_largest_magnitudes(paths, taus, num_tasks: int, k: float):
-    """Per task, the magnitude threshold keeping the top ``k`` percent of all entries.
-
-    ``taus(path)`` returns the ``num_tasks`` task-vector tensors at ``path``.
-    Returns a float32 array ``[num_tasks]`` (``inf`` when nothing is kept):
-    an entry is kept iff ``magnitude(τ) >= threshold``.  Entries tied with the
-    threshold are all kept, so slightly more than k% can survive when
-    magnitudes repeat; the result never depends on tensor order or sharding.
-    """
+def radix_thresholds(paths, taus, num_tasks: int, k: float):
+    """:func:`kth_largest_magnitudes` by the exact two-pass radix select (also under tracing)."""
     n_total, h1 = 0, None
     for p in paths:
         ts = taus(p)
@@ -109,3 +111,136 @@ def _accumulate(total, h):
     if not is_traced(h):
         h = np.asarray(h, np.int64)
     return h if total is None else total + h
+
+
+# ---------------------------------------------------------------- sampled bracket + one counting pass
+
+_SAMPLES = 1 << 18      # sample entries per task, over all tensors together
+_MAX_INSIDE = 1 << 22   # a task whose bracket holds more entries than this falls back to the radix select
+_TOP = np.int32(np.iinfo(np.int32).max)
+
+
+def _bits_of(taus):
+    return [jax.lax.bitcast_convert_type(magnitude(t), jnp.int32).ravel() for t in taus]
+
+
+@functools.partial(jax.jit, static_argnames="relative")
+def _sample(theta0, operands, drop, idx, *, relative):
+    _, taus = form_taus(theta0, operands, relative, drop)
+    return jnp.stack([jnp.take(b, idx) for b in _bits_of(taus)])
+
+
+@functools.partial(jax.jit, static_argnames="relative")
+def _label(theta0, operands, drop, lo, hi, *, relative):
+    """Per task, int8 per entry: 2 above the bracket, 1 inside, 0 below."""
+    _, taus = form_taus(theta0, operands, relative, drop)
+    return [((b > hi[k]).astype(jnp.int8) + (b >= lo[k]).astype(jnp.int8)) for k, b in enumerate(_bits_of(taus))]
+
+
+@functools.partial(jax.jit, static_argnames="relative")
+def _gather(theta0, operands, drop, idx, *, relative):
+    _, taus = form_taus(theta0, operands, relative, drop)
+    return [jnp.take(b, i) for b, i in zip(_bits_of(taus), idx)]
+
+
+def _stride(n_total: int) -> int:
+    """An odd stride (so that rows of even length are not sampled in one column) giving ~_SAMPLES samples."""
+    s = max(1, n_total // _SAMPLES)
+    return s if s % 2 or s == 1 else s + 1
+
+
+def _bracket(sample: np.ndarray, n_keep: int, n_total: int):
+    """``(lo, hi)`` bit patterns bracketing the ``n_keep``-th largest value, from a sorted (descending) sample."""
+    m = sample.size
+    q = n_keep / n_total
+    j = q * m
+    half = 6.0 * math.sqrt(max(m * q * (1 - q), 1.0)) + 16
+    j_hi, j_lo = int(math.floor(j - half)), int(math.ceil(j + half))
+    hi = _TOP if j_hi < 0 else sample[j_hi]
+    lo = np.int32(0) if j_lo >= m else sample[j_lo]
+    return lo, hi
+
+
+def _pad(i: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([i, np.zeros(size - i.size, i.dtype)]).astype(np.int32)
+
+
+def ties_thresholds_of(inp: MergeInputs, k: float):
+    """Per task, TIES' magnitude threshold over ``inp``'s paths (float32 ``[K]``; see the module docstring)."""
+    num = inp.num_tasks
+    reader = lambda p: inp.read(p)  # noqa: E731
+    sizes = inp.sizes if inp.sizes is not None else {p: int(np.size(inp.theta0(p))) for p in inp.paths}
+    n_total = sum(sizes[p] for p in inp.paths)
+    n_keep = num_keep(k, n_total)
+    if n_keep == 0 or not inp.paths:
+        return jnp.full((num,), jnp.inf, jnp.float32)
+    radix = lambda: radix_thresholds(inp.paths, inp.taus, num, k)  # noqa: E731
+    # 1. sample
+    stride, samples, offset = _stride(n_total), [], 0
+    for i, p in enumerate(inp.paths):
+        n = sizes[p]
+        idx = np.arange((-offset) % stride, n, stride, dtype=np.int64)
+        offset += n
+        if idx.size or i == 0:
+            theta0, operands, drop = reader(p)
+            if i == 0 and (is_traced(theta0) or any(is_traced(x) for x in operands)):
+                return radix()  # under jit: the histograms stay on the device
+        if idx.size:
+            samples.append(_sample(theta0, operands, drop, idx.astype(np.int32), relative=inp.relative))
+            del theta0, operands, drop
+    sample = -np.sort(-np.concatenate(jax.device_get(samples), axis=1), axis=1)
+    brackets = [_bracket(sample[t], n_keep, n_total) for t in range(num)]
+    lo = np.array([b[0] for b in brackets], np.int32)
+    hi = np.array([b[1] for b in brackets], np.int32)
+    # 2. count above, collect inside
+    above = np.zeros(num, np.int64)
+    inside = np.zeros(num, np.int64)
+    cands: list[list] = [[] for _ in range(num)]
+    ok = np.ones(num, bool)
+    for p in inp.paths:
+        theta0, operands, drop = reader(p)
+        labels = jax.device_get(_label(theta0, operands, drop, lo, hi, relative=inp.relative))
+        idx = []
+        for t, lab in enumerate(labels):
+            above[t] += np.count_nonzero(lab == 2)
+            where = np.flatnonzero(lab == 1)
+            inside[t] += where.size
+            if inside[t] > _MAX_INSIDE:
+                ok[t] = False
+            idx.append(where if ok[t] and lo[t] != hi[t] else where[:0])
+        longest = max(i.size for i in idx)
+        if longest:
+            size = 1 << max(10, (longest - 1).bit_length())  # a few padded sizes, a few compiles
+            got = jax.device_get(_gather(theta0, operands, drop, [_pad(i, size) for i in idx],
+                                         relative=inp.relative))
+            for t, (g, i) in enumerate(zip(got, idx)):
+                cands[t].append(np.asarray(g[:i.size]))
+        del theta0, operands, drop, labels
+    out = np.zeros(num, np.int32)
+    for t in range(num):
+        need = n_keep - above[t]
+        if not (ok[t] and 0 < need <= inside[t]):
+            ok[t] = False
+            continue
+        if lo[t] == hi[t]:
+            out[t] = lo[t]
+        else:
+            c = np.concatenate(cands[t])
+            out[t] = np.partition(c, c.size - need)[c.size - need]
+    if not ok.all():  # a bracket missed: the exact radix select for every task (rare)
+        return radix()
+    return jnp.asarray(out.view(np.float32))
+
+
+def kth_largest_magnitudes(paths, taus, num_tasks: int, k: float):
+    """Per task, the magnitude threshold keeping the top ``k`` percent of all entries.
+
+    ``taus(path)`` returns the ``num_tasks`` task-vector tensors at ``path``.
+    Returns a float32 array ``[num_tasks]`` (``inf`` when nothing is kept):
+    an entry is kept iff ``magnitude(τ) >= threshold``.  Entries tied with the
+    threshold are all kept, so slightly more than k% can survive when
+    magnitudes repeat; the result never depends on tensor order or sharding.
+    """
+    # not relative: θ0 only lends its shape to the kernels, any operand does
+    inp = MergeInputs(paths=tuple(paths), num_tasks=num_tasks, theta0=lambda p: taus(p)[0], operands=taus)
+    return ties_thresholds_of(inp, k)

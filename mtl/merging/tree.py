@@ -154,12 +154,6 @@ def _default_names(n: int) -> list[str]:
     return ["reference"] + [f"model {i}" for i in range(1, n)]
 
 
-def _all_finite(x) -> bool:
-    if is_traced(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        return True
-    return bool(jnp.all(jnp.isfinite(x)))
-
-
 def check_compatible(reference: PyTree, *others: PyTree, names: Sequence[str] | None = None,
                      check_finite: bool = True, warn_identical: bool = True) -> None:
     """Raise ``ValueError`` unless every tree in ``others`` matches ``reference``.
@@ -193,30 +187,42 @@ def check_compatible(reference: PyTree, *others: PyTree, names: Sequence[str] | 
                 raise ValueError(f"parameter {path!r} differs: {names[0]!r} has {_desc(a)},"
                                  f" {name!r} has {_desc(b)}")
     if check_finite:
-        for name, flat in zip(names, flats):
-            for path, a in flat.items():
-                if a is not None and not _all_finite(a):
-                    raise ValueError(f"parameter {path!r} of {name!r} has non-finite values (NaN or inf)")
+        _raise_non_finite(names, flats)
     if warn_identical:
         for name, flat in zip(names[1:], flats[1:]):
             leaves = [(ref[p], b) for p, b in flat.items() if b is not None]
             if leaves and not any(is_traced(a) or is_traced(b) for a, b in leaves) and all(
-                    bool(jnp.array_equal(a, b)) for a, b in leaves):
+                    jax.device_get([_equal(a, b) for a, b in leaves])):
                 warnings.warn(f"{name!r} is identical to {names[0]!r}: its task vector is zero"
                               " (was the model fine-tuned and loaded correctly?)", UserWarning, stacklevel=2)
+
+
+@jax.jit
+def _equal(a, b):
+    return jnp.array_equal(a, b)
+
+
+@jax.jit
+def _finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
+def _raise_non_finite(names, flats) -> None:
+    """Name the first (tree, path) with a non-finite value; all flags come back in one host sync."""
+    todo = [(name, path, a) for name, flat in zip(names, flats) for path, a in flat.items()
+            if a is not None and not is_traced(a) and jnp.issubdtype(jnp.result_type(a), jnp.inexact)]
+    ok = jax.device_get([_finite(a) for _, _, a in todo])
+    for (name, path, _), good in zip(todo, ok):
+        if not good:
+            raise ValueError(f"parameter {path!r} of {name!r} has non-finite values (NaN or inf)")
 
 
 def _is_float(x) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
 
-@jax.jit
-def _sub(a, b):
-    return a - b
-
-
 def task_vector(finetuned: PyTree, pretrained: PyTree, include=None, exclude=None, *,
-                name: str = "finetuned", check: bool = True) -> PyTree:
+                name: str = "finetuned", check: bool = True, check_pretrained: bool = True) -> PyTree:
     """``τ = θ_k − θ0`` with the pretrained structure; excluded paths are ``None``.
 
     ``include``/``exclude``: see :func:`path_filter`.  Paths of ``finetuned``
@@ -236,17 +242,38 @@ def task_vector(finetuned: PyTree, pretrained: PyTree, include=None, exclude=Non
             raise ValueError(f"{name!r} lacks parameter {path!r} that the pretrained model has")
     if check:
         check_compatible({p: pre[p] for p in included}, {p: ft[p] for p in included},
-                         names=("pretrained", name), warn_identical=False)
-    out = {p: (_sub(ft[p], a) if p in included else None) for p, a in pre.items()}
-    if check and included and not any(is_traced(v) for v in out.values() if v is not None) and all(
-            not bool(jnp.any(v != 0)) for v in out.values() if v is not None):
-        warnings.warn(f"{name!r} is identical to the pretrained model on all included parameters:"
-                      " its task vector is zero", UserWarning, stacklevel=2)
+                         names=("pretrained", name), check_finite=False, warn_identical=False)
+    out, flags = {}, []
+    for p, a in pre.items():
+        if p in included:
+            out[p], finite, nonzero = _sub_stats(ft[p], a)
+            flags.append((p, finite, nonzero))
+        else:
+            out[p] = None
+    if check and flags and not any(is_traced(f) for _, f, _ in flags):
+        if check_pretrained:
+            _raise_non_finite(["pretrained"], [{p: pre[p] for p in included}])
+        got = jax.device_get([(f, z) for _, f, z in flags])  # one host sync for every tensor
+        for (p, _, _), (finite, _) in zip(flags, got):
+            if not finite:
+                raise ValueError(f"parameter {p!r} of {name!r} has non-finite values (NaN or inf)")
+        if not any(z for _, z in got):
+            warnings.warn(f"{name!r} is identical to the pretrained model on all included parameters:"
+                          " its task vector is zero", UserWarning, stacklevel=2)
     return unflatten(out, like=pretrained)
+
+
+@jax.jit
+def _sub_stats(x, x0):
+    """``τ = x − x0`` with ``x`` finite and ``τ`` nonzero flags, in one pass."""
+    tau = x - x0
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return tau, finite, jnp.any(tau != 0)
 
 
 def task_vectors(finetuned: Sequence[PyTree], pretrained: PyTree, include=None, exclude=None,
                  names: Sequence[str] | None = None) -> list[PyTree]:
-    """:func:`task_vector` for each fine-tuned model."""
+    """:func:`task_vector` for each fine-tuned model (the pretrained model is checked once, not K times)."""
     names = list(names) if names is not None else [f"model {i + 1}" for i in range(len(finetuned))]
-    return [task_vector(f, pretrained, include, exclude, name=n) for f, n in zip(finetuned, names)]
+    return [task_vector(f, pretrained, include, exclude, name=n, check_pretrained=i == 0)
+            for i, (f, n) in enumerate(zip(finetuned, names))]
