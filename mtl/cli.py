@@ -5,6 +5,8 @@
     mtl export --workdir DIR --out ARTIFACT [--which best|last|STEP] [--overwrite]
     mtl info   ARTIFACT
     mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
+    mtl merge-files --method NAME --base CKPT --models CKPT [CKPT ...] --out OUT [--kw key=value ...]
+                    [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
 """
 from __future__ import annotations
 
@@ -48,6 +50,18 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--config", required=True, help="configs/merge_NAME.py or configs/merge_NAME.py:arg")
     m.add_argument("--workdir", required=True)
     m.add_argument("--overwrite", action="store_true", help="replace earlier merge results in --workdir")
+    f = sub.add_parser("merge-files", help="merge checkpoint files out of core (safetensors, artifacts, orbax)")
+    f.add_argument("--method", required=True, help="a merge_stream method: average, task_arithmetic, ties, dare, ...")
+    f.add_argument("--base", required=True, help="the pretrained checkpoint")
+    f.add_argument("--models", required=True, nargs="+", help="the fine-tuned checkpoints")
+    f.add_argument("--out", required=True, help="DIR or *.safetensors (safetensors), *.mtl (artifact)")
+    f.add_argument("--format", choices=("safetensors", "artifact", "orbax"), default=None)
+    f.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE", help="a method hyper-parameter")
+    f.add_argument("--include", action="append", default=None, metavar="PATTERN")
+    f.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
+    f.add_argument("--max-shard-size", default=None, help="split safetensors output into shards, e.g. 5GB")
+    f.add_argument("--no-prefetch", action="store_true", help="read synchronously (no read-ahead thread)")
+    f.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -77,6 +91,8 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         elif args.cmd == "merge":
             _merge(args, overrides)
+        elif args.cmd == "merge-files":
+            _merge_files(args)
         elif args.cmd == "info":
             from mtl.checkpoint import read_artifact_metadata
 
@@ -98,6 +114,26 @@ def _merge(args, overrides) -> None:
     cfg = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     out = run_merge(cfg, args.workdir, overwrite=args.overwrite)
     print(json.dumps({k: out[k] for k in ("method", "avg_accuracy", "accuracy")}, indent=2))
+
+
+def _merge_files(args) -> None:
+    import ast
+
+    from mtl.merging.files import merge_files
+
+    kw = {}
+    for item in args.kw:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ValueError(f"--kw {item!r}: expected KEY=VALUE, e.g. --kw k=20")
+        try:
+            kw[key] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            kw[key] = val
+    out = merge_files(args.method, args.base, args.models, args.out, format=args.format, include=args.include,
+                      exclude=args.exclude, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                      prefetch=not args.no_prefetch, progress=True, **kw)
+    print(f"wrote {out}")
 
 
 def _eval(args) -> None:
