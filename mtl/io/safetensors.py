@@ -307,12 +307,14 @@ class SafetensorsWriter:
     names to ``TensorSpec``/``(shape, dtype)``/arrays, in file order.  Use as a
     sink (``writer(name, tensor)``), then :meth:`close`; as a context manager
     a failure removes everything written.  ``overwrite=False`` refuses an
-    existing ``out``.
+    existing ``out``.  ``fsync=True`` flushes the files to the disk before the
+    rename (durable across a power loss, not only a crash of the process).
     """
 
     def __init__(self, out: str, specs: Mapping, *, max_shard_bytes: int | None = None,
-                 metadata: Mapping | None = None, overwrite: bool = False, prefix: str = "model"):
-        self.out = os.path.abspath(out)
+                 metadata: Mapping | None = None, overwrite: bool = False, prefix: str = "model",
+                 fsync: bool = False):
+        self.out, self.fsync = os.path.abspath(out), fsync
         if os.path.exists(self.out) and not overwrite:
             raise FileExistsError(f"{self.out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         self.specs = {n: _as_spec(s) for n, s in specs.items()}
@@ -380,7 +382,8 @@ class SafetensorsWriter:
             raise ValueError(f"{self.out}: {len(missing)} planned tensors were never written"
                              f" (first: {missing[0]!r}); nothing was kept")
         for fd in self._fds:
-            os.fsync(fd)
+            if self.fsync:
+                os.fsync(fd)
             os.close(fd)
         self._fds = []
         if not self.single_file and len(self.files) > 1:
