@@ -307,20 +307,24 @@ class SafetensorsWriter:
     names to ``TensorSpec``/``(shape, dtype)``/arrays, in file order.  Use as a
     sink (``writer(name, tensor)``), then :meth:`close`; as a context manager
     a failure removes everything written.  ``overwrite=False`` refuses an
-    existing ``out``.  ``fsync=True`` flushes the files to the disk before the
+    existing ``out``.  ``extra_files`` (``{name: text}``, e.g. a ``config.json``)
+    are written into the directory before it is moved into place.  ``fsync=True`` flushes the files to the disk before the
     rename (durable across a power loss, not only a crash of the process).
     """
 
     def __init__(self, out: str, specs: Mapping, *, max_shard_bytes: int | None = None,
                  metadata: Mapping | None = None, overwrite: bool = False, prefix: str = "model",
-                 fsync: bool = False):
+                 fsync: bool = False, extra_files: Mapping[str, str] | None = None):
         self.out, self.fsync = os.path.abspath(out), fsync
+        self.extra_files = dict(extra_files or {})
         if os.path.exists(self.out) and not overwrite:
             raise FileExistsError(f"{self.out} exists; pass overwrite=True (CLI: --overwrite) to replace it")
         self.specs = {n: _as_spec(s) for n, s in specs.items()}
         if not self.specs:
             raise ValueError("SafetensorsWriter: no tensors to write")
         self.single_file = self.out.endswith(".safetensors")
+        if self.single_file and self.extra_files:
+            raise ValueError(f"{out}: extra files ({', '.join(self.extra_files)}) need a directory output")
         shards = _plan_shards(self.specs, max_shard_bytes)
         if self.single_file and len(shards) > 1:
             raise ValueError(f"{out}: {len(shards)} shards do not fit one .safetensors file;"
@@ -386,6 +390,9 @@ class SafetensorsWriter:
                 os.fsync(fd)
             os.close(fd)
         self._fds = []
+        for fname, text in self.extra_files.items():
+            with open(os.path.join(self._tmp, fname), "w") as f:
+                f.write(text)
         if not self.single_file and len(self.files) > 1:
             total = sum(s.nbytes for s in self.specs.values())
             with open(os.path.join(self._tmp, "model.safetensors.index.json"), "w") as f:

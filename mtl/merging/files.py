@@ -19,6 +19,7 @@ tensors per model plus a constant, whatever the model size
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -94,7 +95,9 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
     ``base``/``models``: paths (any format :func:`mtl.io.open_source` reads)
     or source objects.  ``out``: ``*.safetensors`` (one file), ``*.mtl`` (an
     artifact: the base artifact's metadata plus a ``merge`` entry), or a
-    directory (safetensors, sharded at ``max_shard_bytes``, e.g. ``"5GB"``);
+    directory (safetensors, sharded at ``max_shard_bytes``, e.g. ``"5GB"``; a
+    ``config.json`` beside the base is copied, so a merged Hugging Face model
+    loads like its base);
     ``format`` overrides the choice.  ``method`` and ``hparams`` are those of
     :func:`mtl.merging.merge_stream`, as are ``include``/``exclude``/``names``.
     """
@@ -112,8 +115,15 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
                              " pass metadata=..., or write safetensors (out=DIR or *.safetensors)")
         metadata = {**pre.meta, "merge": {"method": method, "kwargs": {k: repr(v) for k, v in hparams.items()},
                                           "pretrained": str(base), "finetuned": [str(m) for m in models]}}
+    if fmt == "safetensors" and metadata is None:
+        metadata = getattr(getattr(pre, "source", pre), "metadata", None)  # e.g. {"format": "pt"}, which HF requires
     writer = open_writer(out, specs, fmt, max_shard_bytes=parse_size(max_shard_bytes), metadata=metadata,
                          overwrite=overwrite)
+    if fmt == "safetensors" and not writer.single_file and isinstance(base, str):
+        cfg = os.path.join(base if os.path.isdir(base) else os.path.dirname(base), "config.json")
+        if os.path.isfile(cfg):  # a Hugging Face model directory: the merge loads like the base
+            with open(cfg) as f:
+                writer.extra_files["config.json"] = f.read()
     nbytes = {p: int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for p, s in specs.items()}
     sink = _Progress(writer, len(specs), nbytes, progress)
     try:
