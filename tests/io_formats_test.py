@@ -169,3 +169,17 @@ def test_artifact_source_checks_metadata_against_params(tmp_path):
     json.dump(meta, open(os.path.join(art, "metadata.json"), "w"))
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"'a/w' has shape \(2, 3\)"):
         mio.ArtifactSource(art)
+
+
+def test_orbax_training_checkpoint_step_with_a_root(tmp_path):
+    store = ckpt.CheckpointStore(str(tmp_path / "ckpts"), asynchronous=False)
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    store.save(7, {"params": {"encoder": {"w": w}}, "opt": {"mu": np.zeros(3, np.float32)}}, {})
+    store.close()
+    step = str(tmp_path / "ckpts" / "7")
+    assert mio.detect_format(step) == "orbax"
+    src = mio.OrbaxSource(step, root="params")
+    assert src.paths() == ["encoder/w"] and src.load("encoder/w").tobytes() == w.tobytes()
+    assert sorted(mio.OrbaxSource(step).paths()) == ["opt/mu", "params/encoder/w"]
+    with pytest.raises(KeyError, match="nothing under 'nope'"):
+        mio.OrbaxSource(step, root="nope")

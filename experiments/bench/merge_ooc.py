@@ -1,7 +1,8 @@
 """Out-of-core merging: peak resident memory of `merge_files` on safetensors models larger than memory allows.
 
     python experiments/bench/merge_ooc.py [--k 8] [--model-gb 1.4] [--tensor-mb 64] [--method task_arithmetic]
-                                          [--dir /tmp/mtl_bench_ooc] [--cold] [--keep] [--json]
+                                          [--dir /tmp/mtl_bench_ooc] [--cold] [--no-prefetch]
+                                          [--keep] [--reuse] [--json]
 
 1. Writes a base model and K "fine-tunes" (base + noise) of ``--model-gb`` each
    as safetensors files, tensor by tensor (f32 tensors of ``--tensor-mb``),
@@ -66,6 +67,16 @@ def write_models(d: str, k: int, n_tensors: int, shape, seed: int = 0) -> list[s
     return paths
 
 
+def _has_layout(path, n_tensors, shape) -> bool:
+    from mtl.io import SafetensorsSource
+
+    try:
+        src = SafetensorsSource(path)
+    except (OSError, ValueError):
+        return False
+    return len(src.paths()) == n_tensors and all(tuple(src.spec(p).shape) == tuple(shape) for p in src.paths())
+
+
 def drop_cache(paths) -> None:
     for p in paths:
         fd = os.open(p, os.O_RDONLY)
@@ -123,6 +134,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dir", default="/tmp/mtl_bench_ooc")
     ap.add_argument("--cold", action="store_true", help="drop the inputs from the page cache before merging")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--reuse", action="store_true", help="reuse files of the same layout left by --keep")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--no-prefetch", action="store_true", help="merge with synchronous reads")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -143,8 +155,13 @@ def main(argv=None) -> dict:
         raise SystemExit(f"{args.dir}: {(args.k + 2) * model_bytes / 1e9:.1f} GB needed, {free / 1e9:.1f} GB free")
     t0 = time.perf_counter()
     say(f"writing K+1 = {args.k + 1} models of {model_bytes / 1e9:.2f} GB ({n_tensors} tensors {shape} f32)")
-    paths = write_models(args.dir, args.k, n_tensors, shape)
-    say(f"  written in {time.perf_counter() - t0:.0f} s")
+    paths = [os.path.join(args.dir, "base.safetensors")] + [os.path.join(args.dir, f"ft{j}.safetensors")
+                                                             for j in range(args.k)]
+    if not (args.reuse and all(_has_layout(p, n_tensors, shape) for p in paths)):
+        paths = write_models(args.dir, args.k, n_tensors, shape)
+        say(f"  written in {time.perf_counter() - t0:.0f} s")
+    else:
+        say("  reusing the files already there (--reuse)")
     if args.cold:
         drop_cache(paths)
     out = os.path.join(args.dir, "merged")

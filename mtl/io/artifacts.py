@@ -31,20 +31,41 @@ def is_artifact(path: str) -> bool:
         and os.path.isdir(os.path.join(path, "params"))
 
 
+def _pytree_dir(path: str) -> str | None:
+    """``path`` if it is an orbax pytree, its ``state`` item for a training-checkpoint step, else None."""
+    for d in (path, os.path.join(path, "state")):
+        if os.path.isfile(os.path.join(d, "_METADATA")):
+            return d
+    return None
+
+
 def is_orbax(path: str) -> bool:
-    return os.path.isdir(path) and (os.path.exists(os.path.join(path, "_METADATA"))
-                                    or os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")))
+    return os.path.isdir(path) and _pytree_dir(path) is not None
 
 
 class OrbaxSource:
-    """A lazy merge source over an orbax pytree checkpoint directory."""
+    """A lazy merge source over an orbax pytree checkpoint directory.
 
-    def __init__(self, path: str):
+    ``path``: the directory ``StandardCheckpointer`` wrote, or a step of
+    :class:`mtl.checkpoint.CheckpointStore` (its ``state`` item is read).
+    ``root``: only the subtree under this path, with it stripped (e.g.
+    ``root="params"`` for a training state, so paths match an artifact's).
+    """
+
+    def __init__(self, path: str, root: str | None = None):
         self.path = os.path.abspath(path)
-        if not is_orbax(self.path):
-            raise FileNotFoundError(f"{path} is not an orbax checkpoint (no _METADATA);"
-                                    " give the directory StandardCheckpointer wrote")
-        self._leaves = ckpt._orbax_leaf_paths(self.path)
+        tree = _pytree_dir(self.path)
+        if tree is None:
+            raise FileNotFoundError(f"{path} is not an orbax checkpoint (no _METADATA, nor state/_METADATA);"
+                                    " give the directory StandardCheckpointer wrote or a CheckpointStore step")
+        self._tree = tree
+        leaves = ckpt._orbax_leaf_paths(tree)
+        if root:
+            pre = root.rstrip("/") + "/"
+            leaves = {p[len(pre):]: v for p, v in leaves.items() if p.startswith(pre)}
+            if not leaves:
+                raise KeyError(f"orbax checkpoint {path} has nothing under {root!r}")
+        self._leaves = leaves
 
     def paths(self) -> list[str]:
         return list(self._leaves)
@@ -56,7 +77,11 @@ class OrbaxSource:
         return TensorSpec(shape, np.dtype(dtype))
 
     def load(self, path: str) -> np.ndarray:
-        return ckpt.restore_orbax_leaves(self.path, [path], self._leaves)[path]
+        if path not in self._leaves:
+            raise KeyError(f"orbax checkpoint {self.path} has no parameter {path!r}")
+        entry = self._leaves[path]
+        full = "/".join(str(k) for k in entry[0])
+        return ckpt.restore_orbax_leaves(self._tree, [full], {full: entry})[full]
 
     def __repr__(self):
         return f"OrbaxSource({self.path!r}, {len(self._leaves)} tensors)"
@@ -72,9 +97,6 @@ class ArtifactSource(OrbaxSource):
         stored = {p: (tuple(v["shape"]), v["dtype"]) for p, v in self.meta["params"].items()}
         ckpt.compare_trees(stored, {p: (s, d) for p, (_, s, d) in self._leaves.items()},
                            what=f"artifact {path} (params/ against metadata.json)")
-
-    def load(self, path: str) -> np.ndarray:
-        return ckpt.restore_orbax_leaves(os.path.join(self.path, "params"), [path], self._leaves)[path]
 
     def __repr__(self):
         return f"ArtifactSource({self.path!r}, {len(self._leaves)} tensors)"
