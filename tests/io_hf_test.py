@@ -31,8 +31,9 @@ def randomize(model, seed=0, scale=0.2):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=g) * scale
-            p.copy_(1 + noise if ("norm" in name or name.split(".")[-2].startswith("ln")) and name.endswith("weight")
-                    else noise)
+            parts = name.split(".")
+            is_norm = "norm" in name or (len(parts) > 1 and parts[-2].startswith("ln"))
+            p.copy_(1 + noise if is_norm and name.endswith("weight") else noise)
     return model.eval()
 
 
@@ -222,3 +223,19 @@ def test_encoder_defaults_unchanged():
     np.testing.assert_allclose(ACTIVATIONS["gelu_tanh"](x),
                                0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))), rtol=1e-6)
     np.testing.assert_allclose(ACTIVATIONS["quick_gelu"](x), x / (1 + np.exp(-1.702 * x)), rtol=1e-6)
+
+
+def test_full_clip_model_vision_part(tmp_path):
+    """A full CLIPModel (model_type 'clip'): the vision tower under 'vision_model.', the text side left unused."""
+    cfg = transformers.CLIPConfig(text_config=dict(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                                   num_attention_heads=2, intermediate_size=32,
+                                                   max_position_embeddings=8),
+                                  vision_config=clip_cfg().to_dict(), projection_dim=8)
+    m = randomize(transformers.CLIPModel(cfg), seed=7)
+    m.save_pretrained(tmp_path / "full")
+    x = images(2, seed=7)
+    with torch.no_grad():
+        ref = m.vision_model(pixel_values=nchw(x)).pooler_output.numpy()
+    enc, src = hf.load_encoder(str(tmp_path / "full"))
+    assert src.hf_prefix == "vision_model." and any(n.startswith("text_model.") for n in src.unused)
+    np.testing.assert_allclose(np.asarray(enc(jnp.asarray(x))), ref, **TOL)

@@ -49,9 +49,9 @@ def test_merge_files_equals_in_memory_merge(tmp_path, method, kw):
     ref = mm.merge_stream(method, pre, fts, exclude=["head/*"], **kw)  # in memory, from dicts
     ref_tree = mm.MERGERS[method](pre, mm.task_vectors(fts, pre, exclude=["head/*"]), **kw) \
         if method != "average" else None
-    for prefetch in (True, False):
-        out = merge_files(method, base, paths, str(tmp_path / f"m{prefetch}"), exclude=["head/*"],
-                          prefetch=prefetch, max_shard_bytes=400, **kw)
+    for overlap in (True, False):  # read-ahead and write-behind threads, or everything in order
+        out = merge_files(method, base, paths, str(tmp_path / f"m{overlap}"), exclude=["head/*"],
+                          prefetch=overlap, write_behind=overlap, max_shard_bytes=400, **kw)
         got = mio.load_safetensors(out)
         assert list(got) == list(pre)
         for p in pre:
@@ -141,3 +141,24 @@ def test_prefetch_reads_ahead_and_stays_correct(tmp_path):
             assert w.load(p).tobytes() == pre[p].tobytes()
         assert w.hits == len(order) and w.misses == 3
     jax.clear_caches()
+
+
+def test_write_behind_surfaces_a_writer_failure():
+    from mtl.merging.files import _WriteBehind
+
+    got = []
+
+    def sink(p, x):
+        if p == "b":
+            raise OSError("disk full")
+        got.append((p, x.copy()))
+
+    wb = _WriteBehind(sink)
+    wb("a", np.ones(2))
+    wb("b", np.ones(2))
+    with pytest.raises(OSError, match="disk full"):
+        for p in "cdefgh":  # raised at a later call once the thread has failed, at the latest by finish()
+            wb(p, np.ones(2))
+        wb.finish()
+    wb.finish_quietly()
+    assert [p for p, _ in got] == ["a"]

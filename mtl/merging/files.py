@@ -7,7 +7,8 @@
 The inputs are opened as lazy sources (:func:`mtl.io.open_source`:
 safetensors files or sharded directories, mtl artifacts, orbax checkpoints),
 wrapped in a one-ahead prefetcher (:mod:`mtl.io.prefetch`) so the next
-tensor of every model is read while the current one is merged, and fed to
+tensor of every model is read while the current one is merged (and a
+write-behind thread writes the previous result), and fed to
 :func:`mtl.merging.merge_stream`, which reads one tensor at a time across the
 K models.  Each merged tensor goes straight to the writer
 (:func:`mtl.io.open_writer`: safetensors written shard by shard at planned
@@ -20,7 +21,9 @@ tensors per model plus a constant, whatever the model size
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 
@@ -75,6 +78,48 @@ class _Progress:
                   end=end, file=sys.stderr, flush=True)
 
 
+class _WriteBehind:
+    """Hand each merged tensor to a writer thread (at most ``depth`` queued), so writes overlap the next merge.
+
+    A failure in the writer thread is raised at the next call or at :meth:`finish`.
+    """
+
+    def __init__(self, sink, depth: int = 2):
+        self.sink, self._q, self._err = sink, queue.Queue(maxsize=depth), None
+        self._t = threading.Thread(target=self._run, name="mtl-write-behind", daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._err is None:
+                try:
+                    self.sink(*item)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._err = e
+
+    def _raise(self):
+        if self._err is not None:
+            raise self._err
+
+    def __call__(self, path, tensor):
+        self._raise()
+        self._q.put((path, np.asarray(tensor)))  # np.asarray waits for the device; the write happens later
+
+    def finish(self):
+        self._q.put(None)
+        self._t.join()
+        self._raise()
+
+    def finish_quietly(self):
+        if self._t.is_alive():
+            self._err = self._err or RuntimeError("aborted")
+            self._q.put(None)
+            self._t.join()
+
+
 def _merged_order(pre, include, exclude) -> list[str]:
     keep = path_filter(include, exclude)
     out = []
@@ -88,7 +133,8 @@ def _merged_order(pre, include, exclude) -> list[str]:
 def merge_files(method: str, base, models: Sequence, out: str, *, format: str | None = None,
                 include=None, exclude=None, names: Sequence[str] | None = None,
                 max_shard_bytes: int | str | None = None, metadata: Mapping | None = None,
-                overwrite: bool = False, prefetch: bool = True, workers: int = 2, progress: bool = False,
+                overwrite: bool = False, prefetch: bool = True, workers: int = 2, write_behind: bool = True,
+                progress: bool = False,
                 check_finite: bool = True, **hparams) -> str:
     """Merge the checkpoints ``models`` into ``base`` with ``method`` and write ``out``; returns ``out``.
 
@@ -100,6 +146,8 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
     loads like its base);
     ``format`` overrides the choice.  ``method`` and ``hparams`` are those of
     :func:`mtl.merging.merge_stream`, as are ``include``/``exclude``/``names``.
+    ``prefetch`` reads every model's next tensor ahead (``workers`` threads);
+    ``write_behind`` writes merged tensors from a thread (two queued at most).
     """
     if not models:
         raise ValueError("merge_files: need at least one fine-tuned model")
@@ -125,7 +173,8 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
             with open(cfg) as f:
                 writer.extra_files["config.json"] = f.read()
     nbytes = {p: int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for p, s in specs.items()}
-    sink = _Progress(writer, len(specs), nbytes, progress)
+    sink = _WriteBehind(_Progress(writer, len(specs), nbytes, progress)) if write_behind else \
+        _Progress(writer, len(specs), nbytes, progress)
     try:
         if prefetch:
             with prefetch_all([pre, *fts], _merged_order(pre, include, exclude), workers) as (wpre, *wfts):
@@ -134,7 +183,11 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
         else:
             merge_stream(method, pre, fts, include=include, exclude=exclude, names=names, sink=sink,
                          check_finite=check_finite, **hparams)
+        if write_behind:
+            sink.finish()
     except BaseException:
+        if write_behind:
+            sink.finish_quietly()
         writer.abort()
         raise
     return writer.close()
