@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--include", action="append", default=None, metavar="PATTERN")
     f.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
     f.add_argument("--max-shard-size", default=None, help="split safetensors output into shards, e.g. 5GB")
-    f.add_argument("--no-prefetch", action="store_true", help="read synchronously (no read-ahead thread)")
+    f.add_argument("--sequential", action="store_true", help="no read-ahead / write-behind threads (less memory)")
     f.add_argument("--overwrite", action="store_true")
     return p
 
@@ -132,7 +132,7 @@ def _merge_files(args) -> None:
             kw[key] = val
     out = merge_files(args.method, args.base, args.models, args.out, format=args.format, include=args.include,
                       exclude=args.exclude, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                      prefetch=not args.no_prefetch, progress=True, **kw)
+                      prefetch=not args.sequential, write_behind=not args.sequential, progress=True, **kw)
     print(f"wrote {out}")
 
 

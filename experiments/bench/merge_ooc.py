@@ -8,7 +8,8 @@
    as safetensors files, tensor by tensor (f32 tensors of ``--tensor-mb``),
    in this process.
 2. A fresh subprocess merges them with :func:`mtl.merging.files.merge_files`
-   (read-ahead and write-behind threads on, unless ``--sequential``) into a sharded safetensors directory and reports its peak
+   (read-ahead and write-behind threads on, unless ``--sequential``) into a
+   sharded safetensors directory and reports its peak
    resident memory (``VmHWM`` from ``/proc/self/status``), its RSS after the
    imports (the baseline), the wall time and the read throughput.  With
    ``--cold`` the inputs are dropped from the page cache first
