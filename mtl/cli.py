@@ -7,6 +7,7 @@
     mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
     mtl merge-files --method NAME --base CKPT --models CKPT [CKPT ...] --out OUT [--kw key=value ...]
                     [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
+                    [--map-hf encoder/] [--sequential] [--overwrite]
 """
 from __future__ import annotations
 
@@ -60,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--include", action="append", default=None, metavar="PATTERN")
     f.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
     f.add_argument("--max-shard-size", default=None, help="split safetensors output into shards, e.g. 5GB")
+    f.add_argument("--map-hf", default=None, metavar="PREFIX",
+                   help="read Hugging Face ViT/CLIP/GPT-2 inputs in mtl names under PREFIX (e.g. encoder/)")
     f.add_argument("--sequential", action="store_true", help="no read-ahead / write-behind threads (less memory)")
     f.add_argument("--overwrite", action="store_true")
     return p
@@ -132,7 +135,8 @@ def _merge_files(args) -> None:
             kw[key] = val
     out = merge_files(args.method, args.base, args.models, args.out, format=args.format, include=args.include,
                       exclude=args.exclude, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
-                      prefetch=not args.sequential, write_behind=not args.sequential, progress=True, **kw)
+                      prefetch=not args.sequential, write_behind=not args.sequential, progress=True,
+                      map_hf=args.map_hf, **kw)
     print(f"wrote {out}")
 
 

@@ -239,3 +239,25 @@ def test_full_clip_model_vision_part(tmp_path):
     enc, src = hf.load_encoder(str(tmp_path / "full"))
     assert src.hf_prefix == "vision_model." and any(n.startswith("text_model.") for n in src.unused)
     np.testing.assert_allclose(np.asarray(enc(jnp.asarray(x))), ref, **TOL)
+
+
+def test_hf_files_merge_with_an_mtl_artifact(tmp_path):
+    """--map-hf: HF CLIP checkpoints read in mtl names merge with an artifact of the same encoder, bit for bit."""
+    from mtl import checkpoint as ckpt
+    from mtl.cli import main
+
+    paths = []
+    for i in range(3):
+        m = randomize(transformers.CLIPVisionModel(clip_cfg()), seed=20 + i)
+        m.save_pretrained(tmp_path / f"m{i}")
+        paths.append(str(tmp_path / f"m{i}"))
+    ft2 = hf.HFSource(paths[2], prefix="encoder/")
+    art = ckpt.export_artifact(str(tmp_path / "ft2.mtl"),
+                               mio.artifacts._nest({p: ft2.load(p) for p in ft2.paths()}), {})
+    out = str(tmp_path / "merged.safetensors")
+    assert main(["merge-files", "--method", "ties", "--base", paths[0], "--models", paths[1], art,
+                 "--out", out, "--map-hf", "encoder/", "--kw", "k=50"]) == 0
+    ref = merge_stream("ties", hf.HFSource(paths[0], prefix="encoder/"),
+                       [hf.HFSource(p, prefix="encoder/") for p in paths[1:]], k=50)
+    got = mio.load_safetensors(out)
+    assert sorted(got) == sorted(ref) and all(got[p].tobytes() == np.asarray(ref[p]).tobytes() for p in ref)

@@ -78,6 +78,28 @@ class _Progress:
                   end=end, file=sys.stderr, flush=True)
 
 
+def _is_hf(path: str) -> bool:
+    import json
+
+    from mtl.io.hf_layouts import _MODEL_TYPES
+
+    cfg = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    if not os.path.isfile(cfg):
+        return False
+    with open(cfg) as f:
+        return json.load(f).get("model_type") in _MODEL_TYPES
+
+
+def _open(m, map_hf: str | None):
+    if not isinstance(m, str):
+        return m
+    if map_hf is not None and _is_hf(m):
+        from mtl.io.hf import HFSource
+
+        return HFSource(m, prefix=map_hf)
+    return open_source(m)
+
+
 class _WriteBehind:
     """Hand each merged tensor to a writer thread (at most ``depth`` queued), so writes overlap the next merge.
 
@@ -134,7 +156,7 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
                 include=None, exclude=None, names: Sequence[str] | None = None,
                 max_shard_bytes: int | str | None = None, metadata: Mapping | None = None,
                 overwrite: bool = False, prefetch: bool = True, workers: int = 2, write_behind: bool = True,
-                progress: bool = False,
+                progress: bool = False, map_hf: str | None = None,
                 check_finite: bool = True, **hparams) -> str:
     """Merge the checkpoints ``models`` into ``base`` with ``method`` and write ``out``; returns ``out``.
 
@@ -148,11 +170,15 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
     :func:`mtl.merging.merge_stream`, as are ``include``/``exclude``/``names``.
     ``prefetch`` reads every model's next tensor ahead (``workers`` threads);
     ``write_behind`` writes merged tensors from a thread (two queued at most).
+    ``map_hf``: open Hugging Face checkpoints (a supported ``config.json``
+    beside the weights) as :class:`mtl.io.hf.HFSource` in mtl names under
+    this prefix (e.g. ``"encoder/"``), so they merge with mtl artifacts or
+    with HF files whose name prefixes differ; the result is in mtl names.
     """
     if not models:
         raise ValueError("merge_files: need at least one fine-tuned model")
-    pre = open_source(base) if isinstance(base, str) else base
-    fts = [open_source(m) if isinstance(m, str) else m for m in models]
+    pre = _open(base, map_hf)
+    fts = [_open(m, map_hf) for m in models]
     names = list(names) if names is not None else [m if isinstance(m, str) else f"model {i + 1}"
                                                    for i, m in enumerate(models)]
     specs = specs_of(pre)
@@ -167,7 +193,7 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
         metadata = getattr(getattr(pre, "source", pre), "metadata", None)  # e.g. {"format": "pt"}, which HF requires
     writer = open_writer(out, specs, fmt, max_shard_bytes=parse_size(max_shard_bytes), metadata=metadata,
                          overwrite=overwrite)
-    if fmt == "safetensors" and not writer.single_file and isinstance(base, str):
+    if fmt == "safetensors" and not writer.single_file and isinstance(base, str) and map_hf is None:
         cfg = os.path.join(base if os.path.isdir(base) else os.path.dirname(base), "config.json")
         if os.path.isfile(cfg):  # a Hugging Face model directory: the merge loads like the base
             with open(cfg) as f:
