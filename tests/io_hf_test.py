@@ -261,3 +261,14 @@ def test_hf_files_merge_with_an_mtl_artifact(tmp_path):
                        [hf.HFSource(p, prefix="encoder/") for p in paths[1:]], k=50)
     got = mio.load_safetensors(out)
     assert sorted(got) == sorted(ref) and all(got[p].tobytes() == np.asarray(ref[p]).tobytes() for p in ref)
+
+
+def test_bfloat16_checkpoint_loads_as_float32_encoder(tmp_path):
+    m = randomize(transformers.GPT2Model(gpt2_cfg()), seed=8).to(torch.bfloat16)
+    m.save_pretrained(tmp_path / "bf16")
+    src = hf.HFSource(str(tmp_path / "bf16"))
+    assert str(src.spec("tok/embedding").dtype) == "bfloat16"
+    enc, _ = hf.load_encoder(str(tmp_path / "bf16"))
+    got = np.asarray(enc.blocks[0].mlp.up.kernel[...])
+    want = m.h[0].mlp.c_fc.weight.detach().float().numpy()  # Conv1D [in, out]: the kernel as stored
+    assert got.dtype == np.float32 and np.array_equal(got, want)

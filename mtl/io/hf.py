@@ -77,7 +77,7 @@ class HFSource:
         self._rules = {prefix + r.ours: r for r in self.layout.rules}
         used = set()
         for r in self.layout.rules:
-            for i, hn in enumerate(r.hf):
+            for hn in r.hf:
                 full = self.hf_prefix + hn
                 if full not in self.source:
                     raise ValueError(f"{path}: {self.layout.name} layout expects tensor {full!r}, which is missing")
@@ -130,7 +130,12 @@ class HFSource:
 
 
 def load_encoder(path: str, *, config: Mapping | None = None, layout: str | None = None, **overrides):
-    """``(encoder, source)``: the mtl encoder built for an HF checkpoint, holding its weights."""
+    """``(encoder, source)``: the mtl encoder built for an HF checkpoint, holding its weights.
+
+    ``overrides`` change encoder options that do not affect the weights (e.g.
+    ``pool=None``); parameters take the encoder's dtype (float32), whatever
+    the file's.
+    """
     import jax.numpy as jnp
     from flax import nnx
 
@@ -147,7 +152,7 @@ def load_encoder(path: str, *, config: Mapping | None = None, layout: str | None
     if sorted(want) != sorted(src.paths()):
         diff = sorted(set(want) ^ set(src.paths()))
         raise ValueError(f"{path}: the mtl encoder's parameters and the {src.layout.name} layout differ at {diff[:5]}")
-    values = {p: jnp.asarray(src.load(p)) for p in want}
+    values = {p: jnp.asarray(src.load(p)).astype(want[p].dtype) for p in want}  # e.g. bf16 files -> f32 encoder
 
     def fill(node, prefix=""):
         return {k: fill(v, f"{prefix}{k}/") if isinstance(v, dict) else values[f"{prefix}{k}"]
