@@ -106,7 +106,7 @@ class _WriteBehind:
     A failure in the writer thread is raised at the next call or at :meth:`finish`.
     """
 
-    def __init__(self, sink, depth: int = 2):
+    def __init__(self, sink, depth: int = 1):
         self.sink, self._q, self._err = sink, queue.Queue(maxsize=depth), None
         self._t = threading.Thread(target=self._run, name="mtl-write-behind", daemon=True)
         self._t.start()
@@ -169,7 +169,7 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
     ``format`` overrides the choice.  ``method`` and ``hparams`` are those of
     :func:`mtl.merging.merge_stream`, as are ``include``/``exclude``/``names``.
     ``prefetch`` reads every model's next tensor ahead (``workers`` threads);
-    ``write_behind`` writes merged tensors from a thread (two queued at most).
+    ``write_behind`` writes merged tensors from a thread (one queued at most).
     ``map_hf``: open Hugging Face checkpoints (a supported ``config.json``
     beside the weights) as :class:`mtl.io.hf.HFSource` in mtl names under
     this prefix (e.g. ``"encoder/"``), so they merge with mtl artifacts or
