@@ -326,3 +326,62 @@ def load_artifact_params(path: str, expected: Mapping | None = None, shardings=N
     except Exception as e:  # noqa: BLE001 - orbax raises bare Exceptions for unreadable files
         raise CheckpointCorruptError(f"artifact {path}: params/ cannot be read ({_first_line(e)})") from None
     return params, meta
+
+
+# ----------------------------------------------------------------------------- leaf-wise access (mtl.io)
+
+def _orbax_leaf_paths(path: str) -> dict:
+    """``{"a/b/c": (key tuple, shape, dtype name)}`` of a pytree checkpoint, from its metadata only."""
+    md = ocp.StandardCheckpointer().metadata(os.path.abspath(path))
+    tree = getattr(getattr(md, "item_metadata", md), "tree", getattr(md, "item_metadata", md))
+    out = {}
+    for kpath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if leaf is None or not hasattr(leaf, "shape"):
+            continue
+        keys = tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in kpath)
+        out[path_str(kpath)] = (keys, tuple(leaf.shape), np.dtype(leaf.dtype).name)
+    return out
+
+
+def orbax_tree_specs(path: str) -> dict:
+    """``{"a/b/c": (shape, dtype name)}`` of an orbax pytree checkpoint (e.g. an artifact's ``params/``)."""
+    return {p: (s, d) for p, (_, s, d) in _orbax_leaf_paths(path).items()}
+
+
+def restore_orbax_leaves(path: str, paths, leaf_paths: dict | None = None) -> dict:
+    """Restore only ``paths`` (``"a/b/c"`` strings) of an orbax pytree checkpoint, as numpy arrays."""
+    leaf_paths = _orbax_leaf_paths(path) if leaf_paths is None else leaf_paths
+    item, restore_args = {}, {}
+    for p in paths:
+        if p not in leaf_paths:
+            raise KeyError(f"orbax checkpoint {path} has no parameter {p!r}")
+        keys, shape, dtype = leaf_paths[p]
+        node, args = item, restore_args
+        for k in keys[:-1]:
+            node, args = node.setdefault(k, {}), args.setdefault(k, {})
+        node[keys[-1]] = np.zeros((), dtype)
+        args[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    res = ocp.PyTreeCheckpointer().restore(os.path.abspath(path), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    out = {}
+    for p in paths:
+        node = res
+        for k in leaf_paths[p][0]:
+            node = node[k]
+        out[p] = np.asarray(node)
+    return out
+
+
+def save_orbax_tree(path: str, tree: Mapping, overwrite: bool = False) -> str:
+    """Write a nested dict of arrays as an orbax pytree checkpoint (``StandardCheckpointer``)."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(tmp, jax.tree.map(np.asarray, dict(tree)), force=True)
+    ckpt.wait_until_finished()
+    if os.path.exists(path):  # replaced only once the new checkpoint is complete
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+    return path

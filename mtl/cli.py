@@ -6,6 +6,9 @@
     mtl info   ARTIFACT            (verifies the artifact's file digests)
     mtl plot   --workdir RUN [RUN ...] [--out curves.png]
     mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
+    mtl merge-files --method NAME --base CKPT --models CKPT [CKPT ...] --out OUT [--kw key=value ...]
+                    [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
+                    [--map-hf encoder/] [--sequential] [--overwrite]
 """
 from __future__ import annotations
 
@@ -53,6 +56,20 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--config", required=True, help="configs/merge_NAME.py or configs/merge_NAME.py:arg")
     m.add_argument("--workdir", required=True)
     m.add_argument("--overwrite", action="store_true", help="replace earlier merge results in --workdir")
+    f = sub.add_parser("merge-files", help="merge checkpoint files out of core (safetensors, artifacts, orbax)")
+    f.add_argument("--method", required=True, help="a merge_stream method: average, task_arithmetic, ties, dare, ...")
+    f.add_argument("--base", required=True, help="the pretrained checkpoint")
+    f.add_argument("--models", required=True, nargs="+", help="the fine-tuned checkpoints")
+    f.add_argument("--out", required=True, help="DIR or *.safetensors (safetensors), *.mtl (artifact)")
+    f.add_argument("--format", choices=("safetensors", "artifact", "orbax"), default=None)
+    f.add_argument("--kw", action="append", default=[], metavar="KEY=VALUE", help="a method hyper-parameter")
+    f.add_argument("--include", action="append", default=None, metavar="PATTERN")
+    f.add_argument("--exclude", action="append", default=None, metavar="PATTERN")
+    f.add_argument("--max-shard-size", default=None, help="split safetensors output into shards, e.g. 5GB")
+    f.add_argument("--map-hf", default=None, metavar="PREFIX",
+                   help="read Hugging Face ViT/CLIP/GPT-2 inputs in mtl names under PREFIX (e.g. encoder/)")
+    f.add_argument("--sequential", action="store_true", help="no read-ahead / write-behind threads (less memory)")
+    f.add_argument("--overwrite", action="store_true")
     return p
 
 
@@ -82,6 +99,8 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         elif args.cmd == "merge":
             _merge(args, overrides)
+        elif args.cmd == "merge-files":
+            _merge_files(args)
         elif args.cmd == "info":
             _info(args)
         elif args.cmd == "plot":
@@ -122,6 +141,27 @@ def _merge(args, overrides) -> None:
     cfg = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     out = run_merge(cfg, args.workdir, overwrite=args.overwrite)
     print(json.dumps({k: out[k] for k in ("method", "metrics", "avg_accuracy", "accuracy")}, indent=2))
+
+
+def _merge_files(args) -> None:
+    import ast
+
+    from mtl.merging.files import merge_files
+
+    kw = {}
+    for item in args.kw:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise ValueError(f"--kw {item!r}: expected KEY=VALUE, e.g. --kw k=20")
+        try:
+            kw[key] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            kw[key] = val
+    out = merge_files(args.method, args.base, args.models, args.out, format=args.format, include=args.include,
+                      exclude=args.exclude, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
+                      prefetch=not args.sequential, write_behind=not args.sequential, progress=True,
+                      map_hf=args.map_hf, **kw)
+    print(f"wrote {out}")
 
 
 def _eval(args) -> None:

@@ -90,10 +90,16 @@ def patchify(x, patch: int):
 
 class ViT(nnx.Module):
     """Vision transformer: patch embedding, learned positions, a class token, pre-norm
-    blocks, final norm; ``pool='cls'`` or ``'mean'`` gives [B, dim], ``pool=None`` the tokens."""
+    blocks, final norm; ``pool='cls'`` or ``'mean'`` gives [B, dim], ``pool=None`` the tokens.
+
+    ``act`` (MLP activation, :data:`mtl.nn.layers.ACTIVATIONS`), ``norm_eps`` and
+    ``pre_norm`` (a layer norm on the tokens before the first block, as in CLIP)
+    exist to match other checkpoints (:mod:`mtl.io.hf`); the defaults are unchanged.
+    """
 
     def __init__(self, input_shape: Sequence[int], patch: int = 4, dim: int = 128, depth: int = 4,
-                 num_heads: int = 4, mlp_ratio: float = 4.0, pool: str | None = "cls", *, rngs: nnx.Rngs):
+                 num_heads: int = 4, mlp_ratio: float = 4.0, pool: str | None = "cls", *, rngs: nnx.Rngs,
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6, pre_norm: bool = False):
         h, w, c = (int(s) for s in input_shape)
         if h % patch or w % patch:
             raise ValueError(f"ViT: image {h}x{w} is not divisible by patch {patch}")
@@ -106,8 +112,10 @@ class ViT(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.pos = nnx.Param(nnx.with_partitioning(init, (None, "embed"))(rngs.params(), (n + 1, dim)))
         self.cls = nnx.Param(nnx.with_partitioning(init, ("embed",))(rngs.params(), (dim,)))
-        self.blocks = nnx.List([TransformerBlock(dim, num_heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
-        self.norm = layer_norm(dim, rngs=rngs)
+        self.pre_norm = layer_norm(dim, rngs=rngs, eps=norm_eps) if pre_norm else None
+        self.blocks = nnx.List([TransformerBlock(dim, num_heads, mlp_ratio, rngs=rngs, act=act, norm_eps=norm_eps)
+                                for _ in range(depth)])
+        self.norm = layer_norm(dim, rngs=rngs, eps=norm_eps)
         self.out_features = dim
 
     def tokens(self, x):
@@ -119,6 +127,8 @@ class ViT(nnx.Module):
 
     def __call__(self, x):
         x = self.tokens(x)
+        if self.pre_norm is not None:
+            x = self.pre_norm(x)
         for blk in self.blocks:
             x = blk(x)
         x = self.norm(x)
@@ -135,18 +145,21 @@ class ByteTransformer(nnx.Module):
 
     ``kv_prefixes`` (one ``(k, v)`` pair per layer, each ``[B or 1, n, heads, head_dim]``)
     are passed to every attention layer; this is the hook parallel scaling uses.
+    ``act`` and ``norm_eps`` as for :class:`ViT` (GPT-2: ``gelu_tanh``, ``1e-5``).
     """
 
     def __init__(self, input_shape: Sequence[int] = (128,), vocab_size: int = 256, dim: int = 128,
-                 depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, *, rngs: nnx.Rngs):
+                 depth: int = 4, num_heads: int = 4, mlp_ratio: float = 4.0, *, rngs: nnx.Rngs,
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6):
         (seq_len,) = (int(s) for s in input_shape)
         self.input_shape = (seq_len,)
         self.vocab_size, self.num_heads, self.depth = vocab_size, num_heads, depth
         init = nnx.initializers.normal(0.02)
         self.tok = nnx.Embed(vocab_size, dim, embedding_init=nnx.with_partitioning(init, ("vocab", "embed")), rngs=rngs)
         self.pos = nnx.Param(nnx.with_partitioning(init, (None, "embed"))(rngs.params(), (seq_len, dim)))
-        self.blocks = nnx.List([TransformerBlock(dim, num_heads, mlp_ratio, rngs=rngs) for _ in range(depth)])
-        self.norm = layer_norm(dim, rngs=rngs)
+        self.blocks = nnx.List([TransformerBlock(dim, num_heads, mlp_ratio, rngs=rngs, act=act, norm_eps=norm_eps)
+                                for _ in range(depth)])
+        self.norm = layer_norm(dim, rngs=rngs, eps=norm_eps)
         self.out_features = dim
 
     def __call__(self, tokens, kv_prefixes=None):

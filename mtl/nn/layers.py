@@ -39,23 +39,40 @@ def conv(in_features: int, out_features: int, kernel_size=(3, 3), strides=1, *, 
         rngs=rngs)
 
 
-def layer_norm(features: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(features: int, *, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.LayerNorm:
     return nnx.LayerNorm(
-        features,
+        features, epsilon=eps,
         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
         bias_init=nnx.with_partitioning(zeros, ("embed",)),
         rngs=rngs)
 
 
-class MLPBlock(nnx.Module):
-    """Linear(d -> h) -> GELU -> Linear(h -> d)."""
+#: MLP activations by name: ``gelu_tanh`` (the default; Hugging Face's ``gelu_new``), exact ``gelu``
+#: (erf), and CLIP's ``quick_gelu`` (x sigmoid(1.702 x))
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
 
-    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLPBlock(nnx.Module):
+    """Linear(d -> h) -> activation (GELU, tanh form, by default) -> Linear(h -> d)."""
+
+    def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, act: str = "gelu_tanh"):
         self.up = dense(dim, hidden, ("embed", "mlp"), rngs=rngs)
         self.down = dense(hidden, dim, ("mlp", "embed"), rngs=rngs)
+        self.act = act
+        activation(act)
 
     def __call__(self, x):
-        h = jax.nn.gelu(self.up(x))
+        h = activation(self.act)(self.up(x))
         h = constrain(h, ("batch",) + (None,) * (h.ndim - 2) + ("mlp",))
         return self.down(h)
 
@@ -104,13 +121,17 @@ class Attention(nnx.Module):
 
 
 class TransformerBlock(nnx.Module):
-    """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x))."""
+    """Pre-norm transformer block: x + Attn(LN(x)); x + MLP(LN(x)).
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, rngs: nnx.Rngs):
-        self.norm1 = layer_norm(dim, rngs=rngs)
+    ``act`` names the MLP activation (:data:`ACTIVATIONS`), ``norm_eps`` the layer norms' epsilon.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, rngs: nnx.Rngs,
+                 act: str = "gelu_tanh", norm_eps: float = 1e-6):
+        self.norm1 = layer_norm(dim, rngs=rngs, eps=norm_eps)
         self.attn = Attention(dim, num_heads, rngs=rngs)
-        self.norm2 = layer_norm(dim, rngs=rngs)
-        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), rngs=rngs)
+        self.norm2 = layer_norm(dim, rngs=rngs, eps=norm_eps)
+        self.mlp = MLPBlock(dim, int(dim * mlp_ratio), rngs=rngs, act=act)
 
     def __call__(self, x, *, causal: bool = False, kv_prefix=None):
         x = x + self.attn(self.norm1(x), causal=causal, kv_prefix=kv_prefix)
