@@ -82,5 +82,5 @@ class LearnToBranch(nnx.Module):
             parents = jnp.tensordot(w[i - 1], stacked, axes=([1], [0]))          # [T, B, ...]
             hs = [S.run_stage(c, i, p)[1] for c, p in zip(self.columns, parents)]
         if train:
-            self.step[...] = self.step[...] + 1
+            self.step = self.step.replace(self.step[...] + 1)   # a new variable: the merged one may be an outer trace's
         return {t: S.pool(c, h) for t, c, h in zip(self.task_names, self.columns, hs)}, {"branch_weights": w}
