@@ -41,7 +41,7 @@ def main():
         res = moe.train(cfg, os.path.join(args.workdir, name))
         mse = [res["test"][t]["mse"] for t in ("task1", "task2")]
         rows.append((name, moe.count_params(cfg), mse))
-    print(f"| variant | params | task1 | task2 | mean test MSE |\n|---|---:|---:|---:|---:|")
+    print("| variant | params | task1 | task2 | mean test MSE |\n|---|---:|---:|---:|---:|")
     for name, n, mse in rows:
         print(f"| {name} | {n:,} | {mse[0]:.4f} | {mse[1]:.4f} | {np.mean(mse):.4f} |")
     print(json.dumps({name: float(np.mean(m)) for name, _, m in rows}))

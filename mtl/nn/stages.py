@@ -11,8 +11,6 @@ first stage the input goes through ``prepare`` (MLP: flatten), after the last th
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
-
 import jax
 from flax import nnx
 
@@ -66,6 +64,3 @@ def run_stage(encoder, i: int, x):
     skip = b.proj(x) if b.proj is not None else x
     return u, jax.nn.relu(h + skip)
 
-
-def stage_fn(encoder, i: int) -> Callable:
-    return lambda x: run_stage(encoder, i, x)
