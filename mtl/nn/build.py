@@ -94,11 +94,67 @@ def slimmable_factory(model_cfg, tasks, input_shape) -> Callable:
     return make
 
 
+def stagewise_factory(name: str) -> Callable:
+    """Per-task representations over the stages of ``model.encoder`` (``mlp`` or ``cnn``, with
+    ``encoder_kwargs``): ``cross_stitch`` and ``ltb`` build one column per task, ``mtan`` one
+    shared backbone with per-task attention (:mod:`mtl.nn.soft_sharing`, :mod:`mtl.nn.branching`);
+    ``model.arch_kwargs`` are the architecture's options."""
+
+    def make_factory(model_cfg, tasks, input_shape):
+        from mtl.nn.branching import LearnToBranch
+        from mtl.nn.pertask import PerTaskFeaturesModel, PerTaskModel
+        from mtl.nn.soft_sharing import MTAN, CrossStitch
+
+        enc_name = model_cfg.get("encoder", "mlp")
+        enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
+        arch_kwargs = dict(model_cfg.get("arch_kwargs", {}) or {})
+        names = [t.name for t in tasks]
+
+        def make_encoder(rngs):
+            return build_encoder(enc_name, input_shape, rngs=rngs, **enc_kwargs)
+
+        def make(rngs: nnx.Rngs):
+            if name == "mtan":
+                return PerTaskFeaturesModel(MTAN(make_encoder(rngs), names, rngs=rngs, **arch_kwargs), tasks, rngs=rngs)
+            if name == "cross_stitch":
+                return PerTaskFeaturesModel(CrossStitch(make_encoder, names, rngs=rngs, **arch_kwargs), tasks,
+                                            rngs=rngs)
+            return PerTaskModel(LearnToBranch(make_encoder, names, rngs=rngs, **arch_kwargs), tasks, rngs=rngs)
+
+        return make
+
+    return make_factory
+
+
+def dselect_factory(model_cfg, tasks, input_shape) -> Callable:
+    """DSelect-k (:mod:`mtl.nn.moe.dselect`) on ``model.encoder``'s features (``"none"``, the
+    default: the flattened input), ``model.arch_kwargs`` its options, then the task heads."""
+    import math
+
+    from mtl.nn.moe.dselect import DSelectK
+    from mtl.nn.moe.model import MoEMultiTaskModel
+
+    enc_name = model_cfg.get("encoder", "none") or "none"
+    enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
+    arch_kwargs = dict(model_cfg.get("arch_kwargs", {}) or {})
+
+    def make(rngs: nnx.Rngs):
+        enc = None if enc_name == "none" else build_encoder(enc_name, input_shape, rngs=rngs, **enc_kwargs)
+        d = int(math.prod(input_shape)) if enc is None else enc.out_features
+        arch = DSelectK(d, [t.name for t in tasks], rngs=rngs, **arch_kwargs)
+        return MoEMultiTaskModel(arch, tasks, encoder=enc, rngs=rngs)
+
+    return make
+
+
 ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory, "slimmable": slimmable_factory}
 for _name in ("one_gate_moe", "mmoe", "cgc", "ple", "home"):
     ARCHITECTURES[_name] = moe_factory(_name)
 for _name in ("m3vit", "taskexpert"):
     ARCHITECTURES[_name] = vision_moe_factory(_name)
+for _name in ("cross_stitch", "mtan", "ltb"):
+    ARCHITECTURES[_name] = stagewise_factory(_name)
+ARCHITECTURES["dselect_k"] = dselect_factory
 
 
 def model_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
