@@ -28,5 +28,14 @@ def mae(pred, target):
     return _per_sample(jnp.abs(pred.astype(jnp.float32) - target.astype(jnp.float32)))
 
 
-METRICS = {"accuracy": accuracy, "multilabel_accuracy": multilabel_accuracy, "mse": mse, "mae": mae}
-HIGHER_IS_BETTER = {"accuracy": True, "multilabel_accuracy": True, "mse": False, "mae": False}
+def bits_per_byte(logits, labels):
+    """Next-token cross-entropy in bits (= bits per byte for a byte-level LM), per sample."""
+    from mtl.losses import softmax_xent
+
+    return softmax_xent(logits, labels) / jnp.log(2.0)
+
+
+METRICS = {"accuracy": accuracy, "multilabel_accuracy": multilabel_accuracy, "mse": mse, "mae": mae,
+           "bits_per_byte": bits_per_byte}
+HIGHER_IS_BETTER = {"accuracy": True, "multilabel_accuracy": True, "mse": False, "mae": False,
+                    "bits_per_byte": False}

@@ -10,6 +10,7 @@ import inspect
 from typing import Callable
 
 from mtl.data.base import DataBundle
+from mtl.data.bytecorpus import python_stdlib, tfds_text
 from mtl.data.domains import domain_mixture
 from mtl.data.multifashion import multifashion
 from mtl.data.synthetic import mmoe_synthetic, multitab_synthetic
@@ -21,6 +22,8 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "multifashion": multifashion,
     "domain_mixture": domain_mixture,
     "tfds": tfds_bundle,
+    "python_stdlib": python_stdlib,
+    "tfds_text": tfds_text,
 }
 
 

@@ -14,6 +14,7 @@ _EXPORTS = {
     "Attention": ("mtl.nn.layers", "Attention"), "MLPBlock": ("mtl.nn.layers", "MLPBlock"),
     "TransformerBlock": ("mtl.nn.layers", "TransformerBlock"),
     "MultiTaskModel": ("mtl.nn.multitask", "MultiTaskModel"),
+    "parscale": ("mtl.nn.parscale", None), "ParScale": ("mtl.nn.parscale", "ParScale"),
 }
 
 

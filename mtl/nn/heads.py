@@ -94,7 +94,17 @@ class Regression(HeadSpec):
     default_metrics = (("mse", M.mse), ("mae", M.mae))
 
 
-HEADS = {"classification": Classification, "multilabel": MultiLabel, "regression": Regression}
+@dataclasses.dataclass(frozen=True)
+class LanguageModel(Classification):
+    """Next-token prediction: a per-token classifier over the ``out``-token vocabulary;
+    labels [B, L]; reports bits per byte (next-token cross-entropy / ln 2) and accuracy."""
+
+    kind = "language_model"
+    default_metrics = (("bits_per_byte", M.bits_per_byte), ("accuracy", M.accuracy))
+
+
+HEADS = {"classification": Classification, "multilabel": MultiLabel, "regression": Regression,
+         "language_model": LanguageModel}
 
 
 def head_from_json(d: dict) -> HeadSpec:
