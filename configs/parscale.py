@@ -32,7 +32,7 @@ def get_config(arg=None):
     c.model.encoder = "byte_transformer"
     c.model.encoder_kwargs = dict(dim=dim, depth=depth, num_heads=heads, mlp_ratio=4.0)
     c.model.parscale = dict(P=1, prefix_len=48, reparam="mlp", prefix_dim=16, prefix_hidden=32, smoothing=0.01)
-    c.train.steps = 300
+    c.train.steps = 200
     c.train.batch_size = 32
     c.train.eval_batch_size = 128
     c.train.log_every = 50

@@ -5,6 +5,7 @@
     mtl export --workdir DIR --out ARTIFACT [--which best|last|STEP] [--overwrite]
     mtl info   ARTIFACT
     mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
+    mtl generate --workdir DIR --prompt TEXT [--max-new N] [--temperature T] [--batch B] [--which best|last|STEP]
 """
 from __future__ import annotations
 
@@ -48,6 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--config", required=True, help="configs/merge_NAME.py or configs/merge_NAME.py:arg")
     m.add_argument("--workdir", required=True)
     m.add_argument("--overwrite", action="store_true", help="replace earlier merge results in --workdir")
+    gen = sub.add_parser("generate", help="decode from a causal LM run with a KV cache; prints the text, "
+                                          "decode latency per token and KV cache memory at batch 1 and --batch")
+    gen.add_argument("--workdir", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--batch", type=int, default=8, help="the larger batch measured besides batch 1")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--which", default="best", help="best | last | a step number")
     return p
 
 
@@ -77,6 +87,8 @@ def main(argv=None) -> int:
             print(f"wrote {path}")
         elif args.cmd == "merge":
             _merge(args, overrides)
+        elif args.cmd == "generate":
+            _generate(args)
         elif args.cmd == "info":
             from mtl.checkpoint import read_artifact_metadata
 
@@ -98,6 +110,21 @@ def _merge(args, overrides) -> None:
     cfg = config_lib.apply_overrides(config_lib.load_config_file(args.config), overrides)
     out = run_merge(cfg, args.workdir, overwrite=args.overwrite)
     print(json.dumps({k: out[k] for k in ("method", "avg_accuracy", "accuracy")}, indent=2))
+
+
+def _generate(args) -> None:
+    from mtl.artifact import restore_run
+    from mtl.nn.parscale import generate
+
+    steps, params, step, cfg, _ = restore_run(args.workdir, args.which)
+    model = steps.model(params)
+    runs = []
+    for b in sorted({1, int(args.batch)}):
+        with steps.activate():
+            g = generate(model, args.prompt, args.max_new, temperature=args.temperature, batch=b, seed=args.seed)
+        runs.append(g.summary())
+    print(runs[0]["text"])
+    print(json.dumps({"workdir": os.path.abspath(args.workdir), "step": step, "runs": runs}, indent=2))
 
 
 def _eval(args) -> None:

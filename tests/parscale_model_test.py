@@ -98,6 +98,7 @@ def test_aggregation_matches_numpy_and_respects_smoothing():
     np.testing.assert_allclose(ps.features(x), feats, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reparam", ["mlp", "none"])
 def test_training_stays_finite_and_learns(reparam):
     rng = np.random.default_rng(0)

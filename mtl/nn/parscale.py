@@ -334,6 +334,8 @@ def generate(model, prompt, max_new: int, *, temperature: float = 0.0, batch: in
     if int(max_new) < 1 or ids.size + int(max_new) > max_len:
         raise ValueError(f"prompt ({ids.size} tokens) + max_new ({max_new}) must be within the model's "
                          f"maximum sequence length {max_len}, with max_new >= 1")
+    if int(batch) < 1:
+        raise ValueError(f"batch must be >= 1; got {batch}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy); got {temperature}")
     graphdef, state = nnx.split(model)
