@@ -87,3 +87,19 @@ def test_the_standard_library_corpus():
     text = bytes(b.train.stream[:20_000]).decode("utf-8", "replace")
     assert "def " in text and "import " in text   # real Python source
     assert "site-packages" not in b.meta["root"]
+
+
+def test_tfds_text_corpus_through_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from mtl.data.bytecorpus import tfds_text
+
+    with tfds.testing.mock_data(num_examples=5):
+        b = load_dataset("tfds_text", name="lm1b", seq_len=8, splits=("train", "test", "test"))
+        raw = tfds.data_source("lm1b", split="train")
+        texts = [raw[i]["text"] for i in range(len(raw))]
+    stream = b"".join((t.encode() if isinstance(t, str) else bytes(t)) + b"\n" for t in texts)
+    np.testing.assert_array_equal(b.train.stream, np.frombuffer(stream, np.uint8))
+    w = b.train[np.array([1])]
+    np.testing.assert_array_equal(w["labels"]["next_byte"][0], np.frombuffer(stream[9:17], np.uint8))
+    with pytest.raises(ValueError, match="splits must name"):
+        tfds_text("lm1b", 8, splits=("train",))
