@@ -6,7 +6,8 @@ from mtl.data.registry import DATASETS, load_dataset
 
 
 def test_registered_names():
-    assert set(DATASETS) == {"mmoe_synthetic", "multitab", "multifashion", "domain_mixture", "tfds"}
+    assert set(DATASETS) == {"mmoe_synthetic", "multitab", "multifashion", "domain_mixture", "tfds",
+                             "python_stdlib", "tfds_text"}
 
 
 def test_dispatch_matches_direct_call():
