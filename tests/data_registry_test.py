@@ -23,7 +23,7 @@ def test_unknown_name_lists_valid_names_and_suggests():
     with pytest.raises(ValueError, match=r"unknown dataset 'multitabb'.*'mmoe_synthetic'.*"
                                          r"Did you mean 'multitab'\?"):
         load_dataset("multitabb")
-    with pytest.raises(ValueError, match=r"valid names are \[.*'tfds'\]\.$"):
+    with pytest.raises(ValueError, match=r"valid names are \[.*'tfds_text'\]\.$"):
         load_dataset("zzzzzz")
 
 
