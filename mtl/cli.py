@@ -9,6 +9,7 @@
     mtl merge-files --method NAME --base CKPT --models CKPT [CKPT ...] --out OUT [--kw key=value ...]
                     [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
                     [--map-hf encoder/] [--sequential] [--overwrite]
+    mtl generate --workdir DIR --prompt TEXT [--max-new N] [--temperature T] [--batch B] [--which best|last|STEP]
 """
 from __future__ import annotations
 
@@ -70,6 +71,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="read Hugging Face ViT/CLIP/GPT-2 inputs in mtl names under PREFIX (e.g. encoder/)")
     f.add_argument("--sequential", action="store_true", help="no read-ahead / write-behind threads (less memory)")
     f.add_argument("--overwrite", action="store_true")
+    gen = sub.add_parser("generate", help="decode from a causal LM run with a KV cache; prints the text, "
+                                          "decode latency per token and KV cache memory at batch 1 and --batch")
+    gen.add_argument("--workdir", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--batch", type=int, default=8, help="the larger batch measured besides batch 1")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--which", default="best", help="best | last | a step number")
     return p
 
 
@@ -101,6 +111,8 @@ def main(argv=None) -> int:
             _merge(args, overrides)
         elif args.cmd == "merge-files":
             _merge_files(args)
+        elif args.cmd == "generate":
+            _generate(args)
         elif args.cmd == "info":
             _info(args)
         elif args.cmd == "plot":
@@ -162,6 +174,21 @@ def _merge_files(args) -> None:
                       prefetch=not args.sequential, write_behind=not args.sequential, progress=True,
                       map_hf=args.map_hf, **kw)
     print(f"wrote {out}")
+
+
+def _generate(args) -> None:
+    from mtl.artifact import restore_run
+    from mtl.nn.parscale import generate
+
+    steps, params, step, cfg, _ = restore_run(args.workdir, args.which)
+    model = steps.model(params)
+    runs = []
+    for b in sorted({1, int(args.batch)}):
+        with steps.activate():
+            g = generate(model, args.prompt, args.max_new, temperature=args.temperature, batch=b, seed=args.seed)
+        runs.append(g.summary())
+    print(runs[0]["text"])
+    print(json.dumps({"workdir": os.path.abspath(args.workdir), "step": step, "runs": runs}, indent=2))
 
 
 def _eval(args) -> None:

@@ -30,7 +30,7 @@ import ml_collections
 from mtl.sharding import DEFAULT_RULES
 
 # config entries whose contents are free-form (passed on as keyword arguments), not checked
-FREE_FORM = ("kwargs", "encoder_kwargs", "arch_kwargs", "hparams")
+FREE_FORM = ("kwargs", "encoder_kwargs", "arch_kwargs", "hparams", "parscale")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -50,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         "encoder_kwargs": {},
         "head_hidden": (),        # hidden widths of every task head
         "arch_kwargs": {},        # extra options of non-default architectures
+        "parscale": {},           # model.arch="lm": ParScale options {P, prefix_len, reparam, ...}
     })
     c.train = ml_collections.ConfigDict({
         "steps": 1000,

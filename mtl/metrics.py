@@ -59,7 +59,14 @@ def binary_f1(logits, labels):
     return jnp.where(denom > 0, 2 * tp / jnp.maximum(denom, 1.0), 1.0)
 
 
+def bits_per_byte(logits, labels):
+    """Next-token cross-entropy in bits (= bits per byte for a byte-level LM), per sample."""
+    from mtl.losses import softmax_xent
+
+    return softmax_xent(logits, labels) / jnp.log(2.0)
+
+
 METRICS = {"accuracy": accuracy, "multilabel_accuracy": multilabel_accuracy, "mse": mse, "mae": mae,
-           "miou": mean_iou, "rmse": rmse, "f1": binary_f1}
+           "miou": mean_iou, "rmse": rmse, "f1": binary_f1, "bits_per_byte": bits_per_byte}
 HIGHER_IS_BETTER = {"accuracy": True, "multilabel_accuracy": True, "mse": False, "mae": False,
-                    "miou": True, "pixel_accuracy": True, "rmse": False, "f1": True}
+                    "miou": True, "pixel_accuracy": True, "rmse": False, "f1": True, "bits_per_byte": False}

@@ -131,7 +131,8 @@ def test_multilabel_accuracy():
 def test_registries_and_directions():
     assert L.LOSSES["softmax_xent"] is L.softmax_xent and L.LOSSES["l1"] is L.l1
     assert M.HIGHER_IS_BETTER == {"accuracy": True, "multilabel_accuracy": True, "mse": False, "mae": False,
-                                  "miou": True, "pixel_accuracy": True, "rmse": False, "f1": True}
+                                  "miou": True, "pixel_accuracy": True, "rmse": False, "f1": True,
+                                  "bits_per_byte": False}
 
 
 # ---------------------------------------------------------------- 2. tasks and masking

@@ -6,7 +6,8 @@ from mtl.data.registry import DATASETS, load_dataset
 
 
 def test_registered_names():
-    assert set(DATASETS) == {"mmoe_synthetic", "multitab", "multifashion", "domain_mixture", "tfds", "dense_fashion"}
+    assert set(DATASETS) == {"mmoe_synthetic", "multitab", "multifashion", "domain_mixture", "tfds", "dense_fashion",
+                             "python_stdlib", "tfds_text"}
 
 
 def test_dispatch_matches_direct_call():
@@ -22,7 +23,7 @@ def test_unknown_name_lists_valid_names_and_suggests():
     with pytest.raises(ValueError, match=r"unknown dataset 'multitabb'.*'mmoe_synthetic'.*"
                                          r"Did you mean 'multitab'\?"):
         load_dataset("multitabb")
-    with pytest.raises(ValueError, match=r"valid names are \[.*'tfds'\]\.$"):
+    with pytest.raises(ValueError, match=r"valid names are \[.*'tfds_text'\]\.$"):
         load_dataset("zzzzzz")
 
 

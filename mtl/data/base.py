@@ -16,6 +16,7 @@ Label conventions per task kind:
   classification: int32 [n] class ids in [0, dim)
   multilabel:     float32 [n, dim] of 0/1
   regression:     float32 [n, dim]
+  language_model: int32 [n, L] next-token ids in [0, dim) (per-token classification)
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-TASK_KINDS = ("classification", "multilabel", "regression",
+TASK_KINDS = ("classification", "multilabel", "regression", "language_model",
               "segmentation", "dense_regression", "edges")  # per pixel: [n, H, W] int, [n, H, W, dim] float
 
 

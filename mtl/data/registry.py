@@ -11,6 +11,7 @@ from typing import Callable
 
 from mtl.data.base import DataBundle
 from mtl.data.dense_fashion import dense_fashion
+from mtl.data.bytecorpus import python_stdlib, tfds_text
 from mtl.data.domains import domain_mixture
 from mtl.data.multifashion import multifashion
 from mtl.data.synthetic import mmoe_synthetic, multitab_synthetic
@@ -23,6 +24,8 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "dense_fashion": dense_fashion,
     "domain_mixture": domain_mixture,
     "tfds": tfds_bundle,
+    "python_stdlib": python_stdlib,
+    "tfds_text": tfds_text,
 }
 
 

@@ -17,6 +17,7 @@ _EXPORTS = {
     "MultiTaskModel": ("mtl.nn.multitask", "MultiTaskModel"),
     "slimmable": ("mtl.nn.slimmable", None),
     "SlimmableMultiTask": ("mtl.nn.slimmable", "SlimmableMultiTask"), "WidthConfig": ("mtl.nn.slimmable", "WidthConfig"),
+    "parscale": ("mtl.nn.parscale", None), "ParScale": ("mtl.nn.parscale", "ParScale"),
 }
 
 

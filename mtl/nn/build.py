@@ -94,6 +94,31 @@ def slimmable_factory(model_cfg, tasks, input_shape) -> Callable:
     return make
 
 
+def lm_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
+    """Causal LM with parallel scaling (``mtl.nn.parscale``): ``model.encoder`` (a decoder
+    accepting ``kv_prefixes``, e.g. ``byte_transformer``) + the LM task's head, wrapped in
+    ``ParScale`` with the options in ``model.parscale`` (``P``, default 1 = the plain LM;
+    ``prefix_len``, ``reparam``, ``prefix_dim``, ``prefix_hidden``, ``smoothing``)."""
+    import inspect
+
+    from mtl.nn.parscale import ParScale, _check_P
+
+    enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
+    name = model_cfg.get("encoder", "byte_transformer")
+    opts = dict(model_cfg.get("parscale", {}) or {})
+    P = _check_P(opts.pop("P", 1))
+    valid = [k for k in inspect.signature(ParScale.__init__).parameters if k not in ("self", "model", "P", "rngs")]
+    bad = sorted(set(opts) - set(valid))
+    if bad:
+        raise TypeError(f"model.parscale has unknown option(s) {bad}; its options are ['P'] + {valid}")
+
+    def make(rngs: nnx.Rngs):
+        model = MultiTaskModel(build_encoder(name, input_shape, rngs=rngs, **enc_kwargs), tasks, rngs=rngs)
+        return ParScale(model, P, rngs=rngs, **opts)
+
+    return make
+
+
 def stagewise_factory(name: str) -> Callable:
     """Per-task representations over the stages of ``model.encoder`` (``mlp`` or ``cnn``, with
     ``encoder_kwargs``): ``cross_stitch`` and ``ltb`` build one column per task, ``mtan`` one
@@ -148,6 +173,7 @@ def dselect_factory(model_cfg, tasks, input_shape) -> Callable:
 
 
 ARCHITECTURES: dict[str, Callable] = {"shared": shared_factory, "slimmable": slimmable_factory}
+ARCHITECTURES["lm"] = lm_factory
 for _name in ("one_gate_moe", "mmoe", "cgc", "ple", "home"):
     ARCHITECTURES[_name] = moe_factory(_name)
 for _name in ("m3vit", "taskexpert"):

@@ -134,8 +134,18 @@ class Edges(PerPixel, MultiLabel):
     default_metrics = (("f1", M.binary_f1), ("pixel_accuracy", M.multilabel_accuracy))
 
 
+@dataclasses.dataclass(frozen=True)
+class LanguageModel(Classification):
+    """Next-token prediction: a per-token classifier over the ``out``-token vocabulary;
+    labels [B, L]; reports bits per byte (next-token cross-entropy / ln 2) and accuracy."""
+
+    kind = "language_model"
+    default_metrics = (("bits_per_byte", M.bits_per_byte), ("accuracy", M.accuracy))
+
+
 HEADS = {"classification": Classification, "multilabel": MultiLabel, "regression": Regression,
-         "segmentation": Segmentation, "dense_regression": DenseRegression, "edges": Edges}
+         "segmentation": Segmentation, "dense_regression": DenseRegression, "edges": Edges,
+         "language_model": LanguageModel}
 
 
 def head_from_json(d: dict) -> HeadSpec:
