@@ -19,7 +19,7 @@ SOLVERS = ["mgda", "upgrad", "dualproj", "cagrad", "nash_mtl", "imtl_g", "aligne
 # ‖Jᵀ(w − w_ref)‖/‖Jᵀw_ref‖, objective gap (normalised G, mean diagonal 1).
 CERT64 = 1e-10
 DIR64 = 1e-5          # SLSQP's own accuracy on the simplex problems at cond 1e6
-CERT32 = {"mgda": 1e-5, "upgrad": 1e-4, "dualproj": 1e-4, "cagrad": 1e-5, "nash_mtl": 1e-5,
+CERT32 = {"mgda": 1e-5, "upgrad": 1e-4, "dualproj": 1e-4, "cagrad": 1e-5, "nash_mtl": 1e-4,
           "imtl_g": 1e-5, "aligned_mtl": 1e-3}
 EPS32 = float(np.finfo(np.float32).eps)
 

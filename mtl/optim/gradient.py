@@ -277,9 +277,9 @@ def nash_mtl(update_every: int = 1, iters: int = 50, normalize: bool = True, eps
     """Nash-MTL (Navon et al. 2022): w > 0 with (Ĝ w)_t = 1/w_t, found by
     damped Newton on ½wᵀĜw − Σ log w_t (:func:`solvers.log_barrier_fixed_point`,
     at most ``iters`` steps, stopping once converged). Certificate: the
-    equation's componentwise backward error max_t |(Ĝw)_t − 1/w_t| /
-    ((|Ĝ||w|)_t + 1/w_t) (:func:`solvers.nash_residual`) for the returned w and
-    this call's Ĝ (so on the
+    squared Newton decrement λ(w)² of ½wᵀĜw − Σ log w_t
+    (:func:`solvers.nash_decrement`), a bound on its excess over the minimum,
+    for the returned w and this call's Ĝ (so on the
     calls that reuse w with ``update_every`` > 1 it measures how far the reused
     weights are from this step's solution).
 
@@ -315,7 +315,7 @@ def nash_mtl(update_every: int = 1, iters: int = 50, normalize: bool = True, eps
                                                       jnp.zeros((), x.dtype),
                                                       jnp.zeros((), jnp.int32)))
         w = sol.x
-        cert = solvers.nash_residual(a, w, (x.mask > 0) & (w > 0))
+        cert = solvers.nash_decrement(a, w, x.mask > 0)
         return w, (w.astype(w_last.dtype), calls + 1), _info(cert, sol.iterations)
 
     return make_aggregator("nash_mtl", ("gram",), core, init=init,
