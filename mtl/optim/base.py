@@ -93,6 +93,11 @@ class Aggregator:
     update: Callable[..., Any]
     post_step: bool
     hparams: dict
+    # weights_info(state, **same inputs as weights) -> (w, state, info): ``info`` is a
+    # dict of scalars about the solve ({} for methods without a solver; for the
+    # Gramian methods {"certificate", "iterations"}, see mtl.optim.solvers), NaN when
+    # the inputs are non-finite. ``weights`` is this without ``info``.
+    weights_info: Callable[..., tuple[jax.Array, Any, dict]] | None = None
 
 
 class Inputs(NamedTuple):
@@ -160,7 +165,9 @@ def _all_finite(*arrays):
 
 def make_aggregator(name: str, needs, core, *, init=None, update=None,
                     post_step: bool = False, hparams=None) -> Aggregator:
-    """Wrap ``core(state, inputs: Inputs) -> (w, new_state)`` in the public protocol.
+    """Wrap ``core(state, inputs: Inputs) -> (w, new_state)`` (or ``(w, new_state,
+    info)``, info a dict of scalars, see :attr:`Aggregator.weights_info`) in the
+    public protocol.
 
     The wrapper builds G from J when needed, validates shapes, turns ``present``
     into a float mask, zeroes absent tasks' weights, and applies the non-finite
@@ -170,7 +177,8 @@ def make_aggregator(name: str, needs, core, *, init=None, update=None,
     if not needs <= NEEDS:
         raise ValueError(f"{name}: unknown needs {sorted(needs - NEEDS)}")
 
-    def weights(state, *, gram=None, jac=None, losses=None, key=None, step=None, present=None):
+    def weights_info(state, *, gram=None, jac=None, losses=None, key=None, step=None,
+                     present=None):
         if gram is None and jac is not None:
             gram = gramian(jac)
         if "gram" in needs and gram is None:
@@ -198,18 +206,27 @@ def make_aggregator(name: str, needs, core, *, init=None, update=None,
         gram = None if gram is None else gram.astype(dtype)
         losses = None if losses is None else losses.astype(dtype)
         inputs = Inputs(t, gram, losses, key, step, mask, dtype)
-        w, new_state = core(state, inputs)
+        out = core(state, inputs)
+        w, new_state = out[:2]
+        info = out[2] if len(out) > 2 else {}
         w = jnp.asarray(w, dtype) * mask
         used = [gram if "gram" in needs else None, losses if "losses" in needs else None]
         ok = _all_finite(*used)
         w = jnp.where(ok, w, jnp.nan)
         new_state = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new_state, state)
+        info = {k: jnp.where(ok, v, jnp.nan) if jnp.issubdtype(jnp.result_type(v), jnp.floating)
+                else v for k, v in info.items()}
+        return w, new_state, info
+
+    def weights(state, **inputs):
+        w, new_state, _ = weights_info(state, **inputs)
         return w, new_state
 
     weights.__name__ = f"{name}_weights"
+    weights_info.__name__ = f"{name}_weights_info"
     return Aggregator(name=name, needs=needs, init=init or _stateless_init, weights=weights,
                       update=update or _identity_update, post_step=post_step,
-                      hparams=dict(hparams or {}))
+                      hparams=dict(hparams or {}), weights_info=weights_info)
 
 
 # ----------------------------------------------------------------- numerics --
