@@ -435,3 +435,21 @@ def test_diagnostics_step_applies_the_fixed_loss_weights(accum_steps):
         params.append(jax.device_get(state.params))
     for a, c in zip(jax.tree.leaves(params[0]), jax.tree.leaves(params[1])):
         np.testing.assert_allclose(c, a, rtol=1e-5, atol=1e-6)
+
+
+def test_solver_certificate_is_in_the_diagnostics():
+    """The exact solver's certificate of the step's weights reaches the step's metrics, and
+    equals the one the aggregator reports for the same Gramian."""
+    from mtl.optim import get_aggregator
+
+    rng = np.random.default_rng(3)
+    b = make_batch(rng, 16)
+    steps = Steps(factory, TASKS, sgd1(), one_device(), optim=dict(aggregator="upgrad"))
+    state = steps.init()
+    enc, _, _, _ = reference_grads(steps, state, b)
+    _, m = steps.step(state, steps.put_batch(b))
+    g = np.stack(enc) @ np.stack(enc).T
+    agg = get_aggregator("upgrad")
+    _, _, info = agg.weights_info(agg.init(2), gram=jnp.asarray(g, jnp.float32))
+    assert float(m["solver_certificate"]) < 1e-4
+    np.testing.assert_allclose(float(m["solver_certificate"]), float(info["certificate"]), atol=1e-5)

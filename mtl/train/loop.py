@@ -93,10 +93,14 @@ def gradient_record(m: dict, task_names) -> dict:
     cos = np.asarray(m["cosines"])
     pairs = {f"{a}|{b}": float(cos[i, j]) for i, a in enumerate(task_names)
              for j, b in enumerate(task_names) if i < j}
-    return {"weights": {n: float(v) for n, v in zip(task_names, m["weights"])},
-            "grad_norms": {n: float(v) for n, v in zip(task_names, m["grad_norms"])},
-            "cosines": pairs, "conflict_fraction": float(m["conflict_fraction"]),
-            "ok": bool(m["ok"])}
+    rec = {"weights": {n: float(v) for n, v in zip(task_names, m["weights"])},
+           "grad_norms": {n: float(v) for n, v in zip(task_names, m["grad_norms"])},
+           "cosines": pairs, "conflict_fraction": float(m["conflict_fraction"]),
+           "ok": bool(m["ok"])}
+    if "solver_certificate" in m:  # the exact solver's certificate of these weights
+        rec["solver_certificate"] = float(m["solver_certificate"])
+        rec["solver_iterations"] = int(m["solver_iterations"])
+    return rec
 
 
 def _selection_value(val_metrics: dict) -> float:

@@ -75,12 +75,17 @@ class Weigh:
         if self.agg.post_step and not self.same_batch_update:
             # FAMO, next-batch variant: the previous step's update, on this step's losses
             main = self.agg.update(main, losses=jax.lax.stop_gradient(losses), present=inp.present)
-        w, main = self._weights(main, gram, losses, inp)
+        w, main, info = self._weights(main, gram, losses, inp, with_info=True)
         extras = {}
         if gram is not None:
             st = gradient_stats(gram, inp.present)
             extras = {"cosines": st["cosines"], "conflict_fraction": st["conflict_fraction"],
                       "grad_norms": st["norms"]}
+            # the solver's certificate of the returned weights (KKT residual / duality gap /
+            # Newton decrement, mtl.optim.solvers), logged with the diagnostics
+            if "certificate" in info:
+                extras["solver_certificate"] = info["certificate"]
+                extras["solver_iterations"] = info["iterations"]
         return w, {**inp.agg_state, "main": main}, extras
 
     def combine(self, inp, losses, jac, activation=None):
@@ -115,12 +120,17 @@ class Weigh:
         main = self.agg.update(agg_state["main"], losses=jax.lax.stop_gradient(losses_after), present=present)
         return {**agg_state, "main": main}
 
-    def _weights(self, st, gram, losses, inp):
-        w, st = self.agg.weights(st, gram=gram, losses=None if losses is None else jax.lax.stop_gradient(losses),
-                                 key=inp.key, step=inp.step, present=inp.present)
+    def _weights(self, st, gram, losses, inp, with_info: bool = False):
+        kw = dict(gram=gram, losses=None if losses is None else jax.lax.stop_gradient(losses),
+                  key=inp.key, step=inp.step, present=inp.present)
+        info = {}
+        if getattr(self.agg, "weights_info", None) is not None:
+            w, st, info = self.agg.weights_info(st, **kw)
+        else:
+            w, st = self.agg.weights(st, **kw)
         if self.loss_weights is not None and self.spec.is_plain_ew:
             w = self.loss_weights.astype(w.dtype) * w
-        return w, st
+        return (w, st, info) if with_info else (w, st)
 
 
 def finite(w):
