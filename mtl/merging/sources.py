@@ -245,12 +245,16 @@ def _exact_finite(xs) -> list[bool]:
 def _on_device(xs: list) -> list:
     """Host (numpy) arrays moved to the default device in one call; device arrays (sharded or not) as they are.
 
-    On CPU, ``jax.device_put`` of a 64-byte-aligned numpy array (e.g. a
-    memory-mapped ``.npy`` or safetensors tensor) aliases it without a copy.
+    On CPU, ``jax.device_put`` of a 64-byte-aligned numpy array may alias it without a copy;
+    that is kept for memory-mapped arrays (``np.memmap``: their pages are the file's), while a
+    source's fresh in-memory array is copied (``may_alias=False``), so the device value never
+    keeps the source's buffer alive past this tensor: at most one tensor of each model is
+    resident, whatever the allocator's alignment (aliasing made that depend on it).
     """
     host = [i for i, x in enumerate(xs) if isinstance(x, np.ndarray)]
     if host:
-        moved = jax.device_put([xs[i] for i in host])
+        moved = jax.device_put([xs[i] for i in host],
+                               may_alias=[isinstance(xs[i], np.memmap) for i in host])
         xs = list(xs)
         for i, m in zip(host, moved):
             xs[i] = m
