@@ -27,8 +27,11 @@ class Forward:
 
     def __init__(self, graphdef, tasks: Sequence[Task], abstract_model):
         self.graphdef, self.tasks = graphdef, list(tasks)
-        self.has_aux = hasattr(abstract_model, "forward_with_aux")
-        self.has_features = all(hasattr(abstract_model, a) for a in ("features", "heads_from_features", "heads"))
+        # a model that defines its own training objective (e.g. the sandwich rule over widths)
+        self.own_losses = hasattr(abstract_model, "train_losses")
+        self.has_aux = hasattr(abstract_model, "forward_with_aux") or self.own_losses
+        self.has_features = not self.own_losses and all(
+            hasattr(abstract_model, a) for a in ("features", "heads_from_features", "heads"))
         self.pools_routing_counts = bool(getattr(abstract_model, "pools_routing_counts", False))
 
     def model(self, params, rest):
@@ -50,7 +53,16 @@ class Forward:
         return self.losses_of_model(self.model(params, rest), batch)
 
     def losses_of_model(self, model, batch):
-        """:meth:`losses` of a merged ``model`` (the same triple)."""
+        """:meth:`losses` of a merged ``model`` (the same triple).
+
+        A model with ``train_losses(batch, tasks) -> (losses [T], aux_loss)`` defines its own
+        training objective (a loss combinator, e.g. the sandwich rule over sampled widths with
+        distillation as the auxiliary loss); its randomness lives in its own ``nnx.Rngs``
+        (non-parameter state, threaded through the step and checkpointed). Every route then
+        treats it like any model: the per-task losses are weighted, the aux loss added."""
+        if self.own_losses:
+            losses, aux_loss = model.train_losses(batch, self.tasks)
+            return jnp.asarray(losses, jnp.float32), jnp.asarray(aux_loss, jnp.float32), self.rest_of(model)
         aux_loss = jnp.zeros((), jnp.float32)
         counts = batch.get(ROUTING_COUNTS) if isinstance(batch, dict) else None
         if counts is not None:  # pooled over a step's micro-batches (gradient accumulation)
@@ -71,6 +83,22 @@ class Forward:
         return jax.lax.stop_gradient(aux["routing_counts"])
 
     # ------------------------------------------------------------------ shared representation
+    def single_representation(self, params, rest, batch) -> bool:
+        """The model has one shared representation Z = ``features(x)`` read by every head (not
+        per-task features, as MMoE's, nor an auxiliary loss): per-task gradients can then
+        backpropagate through the heads once (:meth:`head_z_grads`). Decided from shapes."""
+        if not self.has_features or self.has_aux:
+            return False
+        z = jax.eval_shape(lambda p: self.model(p, rest).features(batch["inputs"]), params)
+        return isinstance(z, jax.ShapeDtypeStruct)
+
+    def encoder_vjp(self, shared, heads, layout, rest, inputs):
+        """(Z, pullback of Z w.r.t. the shared parameters, the state after the encoder)."""
+        def encode(s):
+            model = self.model(join(s, heads, layout), rest)
+            return model.features(inputs), self.rest_of(model)
+        return jax.vjp(encode, shared, has_aux=True)
+
     def head_losses(self, heads_params, shared, layout, rest, batch, zs):
         """Per-task losses when head t reads ``zs[t]`` (Z broadcast to T copies), so one
         backward pass of their sum gives every ∂L_t/∂Z (row t of the cotangent of ``zs``)
