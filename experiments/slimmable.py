@@ -51,7 +51,7 @@ def variant_config(args, seed, name, only=None, cikd=1.0):
     sw = dict(ak["sandwich"])
     sw["cikd_weight"] = cikd
     if only is not None:
-        sw["only"] = {"encoder": only, "decoders": {}}
+        sw["only"] = float(only)  # this uniform width, alone
         sw["n"] = 1
     ak["sandwich"] = sw
     c.model.arch_kwargs = ak

@@ -68,8 +68,8 @@ def _reference(steps, state, b):
     """The step's objective re-derived outside it: the same key (stream key folded with the
     count), sandwich_losses with the same pool and weights."""
     model = steps.model(state.params, state.rest)
-    rs = model.sandwich_rngs.sandwich
-    key = jax.random.fold_in(rs.key[...], rs.count[...])
+    rs = model.sandwich_rng
+    key = jax.random.fold_in(jax.random.wrap_key_data(rs.key[...]), rs.count[...])
     sampler = SandwichSampler((0.25, 0.5, 1.0), ("cls", "reg"), n=3, pool_size=4)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

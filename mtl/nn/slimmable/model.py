@@ -54,7 +54,7 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
     def __init__(self, encoder: nnx.Module, tasks: Sequence[Task], *, output_hw: Sequence[int] | None = None,
                  widths: Sequence[float] = WIDTHS, decoder_channels: int = 32, decoder_hidden: Sequence[int] = (64,),
                  groups: int = 8, sandwich=None, rngs: nnx.Rngs):
-        from mtl.nn.slimmable.training import SandwichSpec
+        from mtl.nn.slimmable.training import SandwichRng, SandwichSpec
 
         self.task_specs = tuple(TaskSet(tasks))
         self.widths = check_widths(widths)
@@ -79,7 +79,7 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
         # sandwich-rule training (mtl.nn.slimmable.training): its options (static) and its
         # own random stream (non-parameter state: checkpointed, so resume draws the same widths)
         self.sandwich = SandwichSpec.from_kwargs(sandwich)
-        self.sandwich_rngs = nnx.Rngs(sandwich=rngs.sandwich())
+        self.sandwich_rng = SandwichRng(rngs.sandwich())
 
     # ------------------------------------------------------------------ configurations
     def config(self, widths=None) -> WidthConfig:
@@ -119,9 +119,9 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
     def train_losses(self, batch, tasks):
         """The train step's objective (``mtl.train.forward``): the sandwich rule,
         ``(label losses [T], distillation + CIKD)``; see :mod:`mtl.nn.slimmable.training`."""
-        from mtl.nn.slimmable.training import draw_key, train_losses
+        from mtl.nn.slimmable.training import train_losses
 
-        return train_losses(self, batch, tasks, self.sandwich, lambda: draw_key(self.sandwich_rngs.sandwich))
+        return train_losses(self, batch, tasks, self.sandwich, self.sandwich_rng)
 
     def at(self, widths) -> "SlimView":
         """This model fixed at one configuration (checked now): ``model.at(cfg)(x)``."""

@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from mtl.nn.slimmable.sandwich import SandwichSampler, sandwich_losses
 from mtl.nn.slimmable.widths import WidthConfig
@@ -44,7 +45,7 @@ class SandwichSpec:
     cikd_weight: float = 1.0   # configuration-invariant KD weight
     sub_labels: bool = True    # sub-configurations also train on the labels
     pool_size: int = 16        # random configurations come from a pool of at most this many
-    only: Any = None           # a WidthConfig (or its JSON dict): train this configuration alone
+    only: Any = None           # a width (everywhere), a WidthConfig or its JSON dict: train it alone
 
     def __post_init__(self):
         if int(self.n) < 1:
@@ -52,7 +53,11 @@ class SandwichSpec:
         if float(self.kd_weight) < 0 or float(self.cikd_weight) < 0:
             raise ValueError(f"sandwich kd_weight / cikd_weight must be >= 0; got {self.kd_weight}, {self.cikd_weight}")
         only = self.only
-        if isinstance(only, Mapping):
+        if hasattr(only, "to_dict"):  # an ml_collections ConfigDict from a config file
+            only = only.to_dict()
+        if isinstance(only, (int, float)):
+            only = float(only)
+        elif isinstance(only, Mapping):
             only = WidthConfig(float(only.get("encoder", 1.0)), dict(only.get("decoders", {})))
         object.__setattr__(self, "only", only)
         object.__setattr__(self, "n", int(self.n))
@@ -74,18 +79,32 @@ class SandwichSpec:
         return SandwichSampler(tuple(widths), tuple(tasks), n=max(self.n, 2), seed=0, pool_size=self.pool_size)
 
 
-def draw_key(stream):
-    """The next key of an ``nnx`` RngStream, exactly as ``stream()`` (``fold_in(key, count)``,
-    then ``count + 1``), but advancing the counter by *replacing* its ``RngCount`` variable:
-    the train step merges the model inside ``jax.value_and_grad`` from state of the outer
-    ``jit`` trace, where nnx refuses to mutate a variable in place ("Cannot mutate RngCount
-    from a different trace level"); a new variable belongs to the current trace."""
-    from flax import nnx
+class SandwichKey(nnx.Variable):
+    """Raw PRNG key data (uint32), non-parameter state."""
 
-    key = jax.random.fold_in(stream.key[...], stream.count[...])
-    old = stream.count
-    stream.count = nnx.RngCount(old[...] + 1, **old.get_metadata())
-    return key
+
+class SandwichCount(nnx.Variable):
+    """How many keys were drawn, non-parameter state."""
+
+
+class SandwichRng(nnx.Module):
+    """The sandwich sampler's random stream, with the semantics of an ``nnx`` RngStream
+    (key ``i`` = ``fold_in(key, i)``) but stored as raw ``uint32`` key data: the run's
+    checkpoint signature (``mtl/checkpoint.py``) cannot describe typed PRNG-key arrays,
+    which an ``nnx.Rngs`` holds. Both variables are in ``TrainState.rest`` (checkpointed)."""
+
+    def __init__(self, key):
+        self.key = SandwichKey(jax.random.key_data(key))
+        self.count = SandwichCount(jnp.zeros((), jnp.uint32))
+
+    def __call__(self):
+        """The next key; the counter advances by *replacing* its variable: the train step
+        merges the model inside ``jax.value_and_grad`` from state of the outer ``jit`` trace,
+        where nnx refuses to mutate a variable in place ("from a different trace level")."""
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.key[...]), self.count[...])
+        old = self.count
+        self.count = SandwichCount(old[...] + 1, **old.get_metadata())
+        return key
 
 
 def train_losses(model, batch, tasks, spec: SandwichSpec, key_fn):
