@@ -26,6 +26,12 @@ from mtl.nn.slimmable.search import (TABLE_FILE, SlimTable, candidates, default_
 from mtl.nn.slimmable.widths import WidthConfig
 
 
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)  # stdout stays the command's JSON answer
+
+
 def check_slimmable(cfg, where: str) -> None:
     arch = cfg.model.get("arch", "shared")
     if arch != "slimmable":
@@ -91,7 +97,7 @@ def budget_grid(flops: Sequence[float], n: int = 8) -> list:
     return [float(v) for v in np.geomspace(lo, hi, n)] if hi > lo else [float(lo)]
 
 
-def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: int = 8, log=print) -> SlimTable:
+def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: int = 8, log=_log) -> SlimTable:
     """Measure every candidate of a preference grid on the validation split; write
     ``RUN/slim_table.json`` (atomically) with the chosen configuration per budget x preference."""
     from mtl.train.loop import load_data
@@ -117,7 +123,7 @@ def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: 
     return table
 
 
-def slim(workdir: str, budget, preference, which: str = "best", repeats: int = 20, log=print) -> dict:
+def slim(workdir: str, budget, preference, which: str = "best", repeats: int = 20, log=_log) -> dict:
     """The configuration for (budget, preference): widths, FLOPs, measured latency, val metrics.
 
     Bad input (budget, preference, a non-slimmable run) fails before anything is written."""
