@@ -105,7 +105,7 @@ def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: 
     steps, model, cfg, bundle = load_run(workdir, which)
     tasks = list(model.task_names)
     prefs = [parse_preference(p, tasks) for p in (preferences or default_preferences(tasks))]
-    configs = []
+    configs = [model.widest, model.narrowest]  # the objective's reference, the minimum budget
     for p in prefs:
         configs += [c for c in candidates(p, model.widths) if c not in configs]
     log(f"[mtl slim] measuring {len(configs)} configurations on the validation split")

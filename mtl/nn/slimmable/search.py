@@ -192,7 +192,11 @@ def search(table: SlimTable, budget, preference) -> Choice:
     if budget < table.min_flops * (1 - 1e-9):
         raise ValueError(f"budget {budget / 1e6:.4g} MFLOPs is below the narrowest configuration: the minimum "
                          f"feasible budget is {table.min_flops / 1e6:.4g} MFLOPs per example")
-    widest = table.losses(WidthConfig.uniform(max(table.widths), table.tasks))
+    full = WidthConfig.uniform(max(table.widths), table.tasks)
+    if not table.has(full):
+        raise ValueError("the lookup table has no entry for the widest configuration (the objective's reference); "
+                         "rebuild it with `mtl slim --workdir RUN --build-table`")
+    widest = table.losses(full)
     best = None
     for cfg in candidates(pref, table.widths):
         if not table.has(cfg) or table.flops(cfg) > budget * (1 + 1e-9):
