@@ -1,6 +1,6 @@
 """Slimmable multi-task networks on DenseFashion: budget-performance front and controllability.
 
-    python experiments/slimmable.py --quick            # 1 seed, few steps, widths (0.5, 1)
+    python experiments/slimmable.py --quick            # 1 seed, 40 steps, mlp encoder
     python experiments/slimmable.py --seeds 0 1 2      # the full setting (configs/slimmable_dense.py)
 
 Trained per seed (``mtl.train.loop.run``, one workdir each under ``--root``):
@@ -157,7 +157,7 @@ def report(args, results, wall):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, 600 images, widths (0.5, 1), mlp")
+    p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, 600 train images, mlp encoder, 10 preferences")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--encoder", default="cnn")
@@ -170,7 +170,7 @@ def main(argv=None):
     p.add_argument("--out", default="experiments/results/slimmable.md")
     a = p.parse_args(argv)
     if a.quick:
-        a.seeds, a.steps, a.encoder, a.widths, a.n_train, a.n_test, a.prefs = [0], 40, "mlp", [0.5, 1.0], 600, 200, 10
+        a.seeds, a.steps, a.encoder, a.n_train, a.n_test, a.prefs = [0], 40, "mlp", 600, 200, 10
     t0 = time.time()
     results = [one_seed(a, s, lambda m: print(m, flush=True)) for s in a.seeds]
     text = report(a, results, time.time() - t0)
