@@ -7,9 +7,11 @@ images, offline: Debian package ``dataset-fashion-mnist`` or
     mtl train --config configs/slimmable_dense.py:vit --workdir runs/slimmable_dense_vit
 
 The argument picks the slimmable encoder: ``cnn`` (default), ``vit`` or ``mlp``. Each task
-has its own slimmable dense decoder; widths (0.25, 0.5, 0.75, 1). Until the sandwich-rule
-step lands, ``mtl train`` trains the widest configuration only (the narrower ones share its
-weights but are not trained).
+has its own slimmable dense decoder; widths (0.25, 0.5, 0.75, 1). ``mtl train`` trains it
+with the sandwich rule (``model.arch_kwargs.sandwich``: n configurations per step, widest +
+narrowest + n-2 random, in-place distillation and CIKD from the widest;
+``mtl.nn.slimmable.training``), e.g. ``--config.model.arch_kwargs.sandwich.cikd_weight=0``
+for the no-CIKD ablation. Then ``mtl slim --workdir RUN --budget 12MFLOPs --preference depth=2,seg=1``.
 """
 from mtl.config import base_config
 
@@ -22,7 +24,8 @@ def get_config(arg=None):
     c.data.kwargs = dict(n_train=4000, n_test=1000, canvas=32, objects=(2, 3), seed=0)
     c.model.arch = "slimmable"
     c.model.encoder = encoder
-    c.model.arch_kwargs = dict(widths=(0.25, 0.5, 0.75, 1.0), decoder_channels=16, groups=4)
+    c.model.arch_kwargs = dict(widths=(0.25, 0.5, 0.75, 1.0), decoder_channels=16, groups=4,
+                               sandwich=dict(n=4, kd_weight=1.0, cikd_weight=1.0, sub_labels=True, pool_size=8))
     if encoder == "cnn":
         c.model.encoder_kwargs = dict(channels=(16, 32, 64), groups=4)
     elif encoder == "vit":

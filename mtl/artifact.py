@@ -123,3 +123,22 @@ def load_model(path: str, seed: int = 0):
         model = factory(nnx.Rngs(seed))
     load_params(model, path)
     return model, meta
+
+
+def load_model_at(path: str, widths, seed: int = 0):
+    """A slimmable artifact's model fixed at one width configuration: ``(view, meta)``.
+
+    ``widths``: a ``WidthConfig``, one float (everywhere), or the text form of
+    ``mtl eval --widths`` (``"encoder=0.5,seg=1"``); checked against the trained width set
+    (an error names it). ``view(x)`` runs that configuration; ``view.model`` is the full model."""
+    meta = ckpt.read_artifact_metadata(path)
+    arch = meta.get("config", {}).get("model", {}).get("arch", "shared")
+    if arch != "slimmable":
+        raise ValueError(f"{path} is not a slimmable artifact (model.arch={arch!r}); only slimmable models run at a width")
+    model, meta = load_model(path, seed)
+    from mtl.nn.slimmable.search import parse_widths
+    from mtl.nn.slimmable.widths import WidthConfig
+
+    if not isinstance(widths, WidthConfig):
+        widths = parse_widths(widths, model.task_names, model.widths)
+    return model.at(widths), meta

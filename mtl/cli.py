@@ -10,6 +10,7 @@
                     [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
                     [--map-hf encoder/] [--sequential] [--overwrite]
     mtl generate --workdir DIR --prompt TEXT [--max-new N] [--temperature T] [--batch B] [--which best|last|STEP]
+    mtl slim   --workdir DIR (--budget 12MFLOPs --preference depth=2,seg=1 | --build-table)
 """
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--workdir", required=True)
     e.add_argument("--which", default="best", help="best | last | a step number")
     e.add_argument("--split", default="test", choices=("val", "test"))
+    e.add_argument("--widths", default="", help="slimmable runs: evaluate at these widths, e.g. 0.5 or "
+                   "encoder=0.5,seg=1,depth=0.25 (unlisted parts 1.0)")
     x = sub.add_parser("export", help="write a shareable artifact (parameters + metadata)")
     x.add_argument("--workdir", required=True)
     x.add_argument("--out", required=True)
@@ -80,7 +83,32 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch", type=int, default=8, help="the larger batch measured besides batch 1")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--which", default="best", help="best | last | a step number")
+    _add_slim_parser(sub)
     return p
+
+
+def _add_slim_parser(sub) -> None:
+    s = sub.add_parser("slim", help="slimmable runs: the width configuration for a FLOP budget and task preference")
+    s.add_argument("--workdir", required=True)
+    s.add_argument("--budget", default="", help="FLOPs per example, e.g. 12MFLOPs")
+    s.add_argument("--preference", default="", help="task weights, e.g. depth=2,seg=1 (unlisted tasks 0)")
+    s.add_argument("--build-table", action="store_true", help="(re)build RUN/slim_table.json from validation data")
+    s.add_argument("--which", default="best", help="best | last | a step number")
+
+
+def _slim(args) -> None:
+    from mtl.nn.slimmable import runs
+
+    if args.build_table:
+        table = runs.build_table(args.workdir, args.which)
+        print(f"wrote {os.path.join(args.workdir, 'slim_table.json')} ({len(table.entries)} configurations, "
+              f"{len(table.grid)} budget x preference entries)")
+        if not args.budget:
+            return
+    if not args.budget or not args.preference:
+        raise ValueError("mtl slim needs --budget (e.g. 12MFLOPs) and --preference (e.g. depth=2,seg=1), "
+                         "or --build-table")
+    print(json.dumps(runs.slim(args.workdir, args.budget, args.preference, args.which), indent=2))
 
 
 def main(argv=None) -> int:
@@ -113,6 +141,8 @@ def main(argv=None) -> int:
             _merge_files(args)
         elif args.cmd == "generate":
             _generate(args)
+        elif args.cmd == "slim":
+            _slim(args)
         elif args.cmd == "info":
             _info(args)
         elif args.cmd == "plot":
@@ -196,12 +226,27 @@ def _eval(args) -> None:
     from mtl.data.pipeline import eval_batches
     from mtl.train.loop import load_data
 
+    if getattr(args, "widths", ""):
+        return _eval_widths(args)
     steps, params, step, cfg, bundle = restore_run(args.workdir, args.which)
     src = load_data(cfg)[3] if args.split == "val" else bundle.test
     state = steps.init().replace(params=params)
     res = steps.evaluate(state, eval_batches(src, cfg.train.eval_batch_size, steps.batch_sharding))
     print(json.dumps({"workdir": os.path.abspath(args.workdir), "step": step, "split": args.split,
                       "metrics": res}, indent=2))
+
+
+def _eval_widths(args) -> None:
+    from mtl.nn.slimmable import runs
+    from mtl.nn.slimmable.search import parse_widths
+    from mtl.train.loop import load_data
+
+    steps, model, cfg, bundle = runs.load_run(args.workdir, args.which)
+    widths = parse_widths(args.widths, model.task_names, model.widths)
+    src = load_data(cfg)[3] if args.split == "val" else bundle.test
+    res = runs.evaluate_at(steps, model, src, int(cfg.train.eval_batch_size), widths)
+    print(json.dumps({"workdir": os.path.abspath(args.workdir), "split": args.split, "widths": widths.to_json(),
+                      "mflops": runs.cost.flops(model, widths, bundle.input_shape) / 1e6, "metrics": res}, indent=2))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def _model(encoder: str):
     with nnx.use_eager_sharding(False):
         graph, state = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))
     keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
-    state = jax.tree.map(lambda s: 0.1 * jax.random.normal(next(keys), s.shape, s.dtype), state)
+    state = jax.tree.map(lambda s: jax.random.key(0) if jnp.issubdtype(s.dtype, jax.dtypes.prng_key)
+                         else 0.1 * jax.random.normal(next(keys), s.shape, s.dtype), state)
     return nnx.merge(graph, state)
 
 

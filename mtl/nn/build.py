@@ -73,14 +73,14 @@ def slimmable_factory(model_cfg, tasks, input_shape) -> Callable:
     """Slimmable encoder (``model.encoder``: mlp, cnn or vit; ``encoder_kwargs``) and one
     slimmable decoder per task (``mtl.nn.slimmable``). ``model.arch_kwargs``: ``widths``
     (the width set, default 0.25/0.5/0.75/1), ``decoder_channels``, ``decoder_hidden``,
-    ``groups``. Called without widths the model runs its widest configuration."""
+    ``groups``, ``sandwich`` (training options, ``mtl.nn.slimmable.training``). Called without widths the model runs its widest configuration."""
     from mtl.nn.slimmable import SlimmableMultiTask, build_slim_encoder
     from mtl.nn.slimmable.widths import WIDTHS, check_widths
 
     enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
     arch_kwargs = dict(model_cfg.get("arch_kwargs", {}) or {})
     widths = check_widths(arch_kwargs.pop("widths", WIDTHS))
-    allowed = ("decoder_channels", "decoder_hidden", "groups")
+    allowed = ("decoder_channels", "decoder_hidden", "groups", "sandwich")
     bad = [k for k in arch_kwargs if k not in allowed]
     if bad:
         raise TypeError(f"model.arch='slimmable' has no arch_kwargs {bad}; its options are ['widths', {', '.join(map(repr, allowed))}]")

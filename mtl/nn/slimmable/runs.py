@@ -1,0 +1,151 @@
+"""Search on a trained run: measure candidates, build the lookup table, answer queries.
+
+    table = build_table("runs/slimmable_dense")            # writes RUN/slim_table.json
+    out = slim("runs/slimmable_dense", "12MFLOPs", "depth=2,seg=1")
+    out["widths"], out["flops"], out["latency_s"], out["val"]
+
+Validation losses come from the run's own validation split (carved from train, as in
+training); FLOPs from XLA's cost analysis (:func:`mtl.nn.slimmable.cost.flops`), per
+example. :func:`slim` reads the table when the run has one (no validation data needed
+then) and builds it first otherwise.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtl.nn.slimmable import cost
+from mtl.nn.slimmable.search import (TABLE_FILE, SlimTable, candidates, default_preferences, key_of, parse_budget,
+                                     parse_preference, search)
+from mtl.nn.slimmable.widths import WidthConfig
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)  # stdout stays the command's JSON answer
+
+
+def check_slimmable(cfg, where: str) -> None:
+    arch = cfg.model.get("arch", "shared")
+    if arch != "slimmable":
+        raise ValueError(f"{where} is not a slimmable run (model.arch={arch!r}); "
+                         "width search needs a model trained with model.arch='slimmable'")
+
+
+def load_run(workdir: str, which: str = "best"):
+    """``(steps, model, cfg, bundle)`` of a slimmable run (a ready nnx model on the run's mesh)."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    with open(path) as f:
+        arch = json.load(f).get("model", {}).get("arch", "shared")
+    if arch != "slimmable":
+        raise ValueError(f"{workdir} is not a slimmable run (model.arch={arch!r}); "
+                         "width search needs a model trained with model.arch='slimmable'")
+    from mtl.artifact import restore_run
+
+    steps, params, _, cfg, bundle = restore_run(workdir, which)
+    rest = steps.init().rest
+    return steps, nnx.merge(steps.graphdef, params, rest), cfg, bundle
+
+
+def _eval_fn(tasks):
+    from mtl.tasks import metric_sums
+
+    def f(graphdef, state, batch, widths):
+        return metric_sums(tasks, nnx.merge(graphdef, state)(batch["inputs"], widths), batch)
+    return jax.jit(f, static_argnums=(0, 3))
+
+
+def evaluate_at(steps, model, src, batch_size: int, widths: WidthConfig, _fn=None) -> dict:
+    """``{task: {metric: value}}`` of ``model`` at ``widths`` over ``src`` (like Steps.evaluate)."""
+    from mtl.data.pipeline import eval_batches
+
+    fn = _fn or _eval_fn(steps.tasks)
+    graphdef, state = nnx.split(model)
+    total = None
+    with steps.activate():
+        for b in eval_batches(src, batch_size, steps.batch_sharding):
+            s = fn(graphdef, state, b, widths)
+            total = s if total is None else jax.tree.map(jnp.add, total, s)
+    total = jax.device_get(total)
+    return {t: {m: float(sc[0] / max(sc[1], 1.0)) for m, sc in d.items()} for t, d in total.items()}
+
+
+def measure(steps, model, src, batch_size: int, input_shape, configs: Sequence[WidthConfig], log=None) -> dict:
+    """Table entries ``{key: {widths, flops (per example), val}}`` of ``configs``."""
+    fn = _eval_fn(steps.tasks)
+    out = {}
+    for i, cfg in enumerate(configs):
+        val = evaluate_at(steps, model, src, batch_size, cfg, fn)
+        out[key_of(cfg)] = {"widths": cfg.to_json(), "flops": cost.flops(model, cfg, input_shape), "val": val}
+        if log:
+            log(f"  [{i + 1}/{len(configs)}] {cfg.to_json()}: {out[key_of(cfg)]['flops'] / 1e6:.3f} MFLOPs")
+    return out
+
+
+def budget_grid(flops: Sequence[float], n: int = 8) -> list:
+    """``n`` budgets spaced geometrically from the cheapest to the dearest candidate."""
+    lo, hi = min(flops), max(flops)
+    return [float(v) for v in np.geomspace(lo, hi, n)] if hi > lo else [float(lo)]
+
+
+def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: int = 8, log=_log) -> SlimTable:
+    """Measure every candidate of a preference grid on the validation split; write
+    ``RUN/slim_table.json`` (atomically) with the chosen configuration per budget x preference."""
+    from mtl.train.loop import load_data
+
+    steps, model, cfg, bundle = load_run(workdir, which)
+    tasks = list(model.task_names)
+    prefs = [parse_preference(p, tasks) for p in (preferences or default_preferences(tasks))]
+    configs = [model.widest, model.narrowest]  # the objective's reference, the minimum budget
+    for p in prefs:
+        configs += [c for c in candidates(p, model.widths) if c not in configs]
+    log(f"[mtl slim] measuring {len(configs)} configurations on the validation split")
+    val_src = load_data(cfg)[3]
+    entries = measure(steps, model, val_src, int(cfg.train.eval_batch_size), bundle.input_shape, configs, log)
+    table = SlimTable(tasks, list(model.widths), entries,
+                      meta={"workdir": os.path.abspath(workdir), "which": which, "split": "val",
+                            "input_shape": list(bundle.input_shape),
+                            "flops": "per example, XLA cost analysis of the compiled forward"})
+    for b in budget_grid([e["flops"] for e in entries.values()], n_budgets):
+        for p in prefs:
+            c = search(table, b, p)
+            table.grid.append({"budget": b, "preference": p, "choice": key_of(c.widths), "objective": c.objective})
+    table.save(os.path.join(workdir, TABLE_FILE))
+    return table
+
+
+def slim(workdir: str, budget, preference, which: str = "best", repeats: int = 20, log=_log) -> dict:
+    """The configuration for (budget, preference): widths, FLOPs, measured latency, val metrics.
+
+    Bad input (budget, preference, a non-slimmable run) fails before anything is written."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} holds no run (no config.json)")
+    with open(path) as f:
+        run_cfg = json.load(f)
+    if run_cfg.get("model", {}).get("arch", "shared") != "slimmable":
+        raise ValueError(f"{workdir} is not a slimmable run (model.arch={run_cfg['model'].get('arch')!r}); "
+                         "width search needs a model trained with model.arch='slimmable'")
+    parse_budget(budget)
+    steps, model, cfg, bundle = load_run(workdir, which)
+    parse_preference(preference, model.task_names)
+    narrow = cost.flops(model, model.narrowest, bundle.input_shape)
+    if parse_budget(budget) < narrow * (1 - 1e-9):
+        raise ValueError(f"budget {parse_budget(budget) / 1e6:.4g} MFLOPs is below the narrowest configuration: the "
+                         f"minimum feasible budget is {narrow / 1e6:.4g} MFLOPs per example")
+    tpath = os.path.join(workdir, TABLE_FILE)
+    table = SlimTable.load(tpath) if os.path.exists(tpath) else build_table(workdir, which, log=log)
+    choice = search(table, budget, preference)
+    lat = cost.latency(model, choice.widths, bundle.input_shape, repeats=repeats)
+    return {"workdir": os.path.abspath(workdir), "budget_mflops": choice.budget / 1e6, "preference": choice.preference,
+            "widths": choice.widths.to_json(), "mflops": choice.flops / 1e6, "latency_ms": lat * 1e3,
+            "objective": choice.objective, "val": table.entries[key_of(choice.widths)]["val"]}

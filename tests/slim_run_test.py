@@ -1,0 +1,114 @@
+"""A sandwich-trained slimmable run through the loop and the CLI: exact resume; mtl slim
+(table built once, atomically, then read), its bad input (one line, nothing written),
+mtl eval --widths, and an artifact loaded at a width."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mtl.checkpoint import CheckpointStore
+from mtl.cli import main
+from mtl.config import base_config
+from mtl.train.loop import run
+from tests.tiny_runs import read_metrics
+
+
+def config():
+    c = base_config()
+    c.data.name = "multitab"
+    c.data.kwargs = dict(num_tasks=2, n_train=300, n_test=100, dim=8, correlation=0.5, seed=0)
+    c.model.arch = "slimmable"
+    c.model.encoder = "mlp"
+    c.model.encoder_kwargs = dict(hidden=(16,))
+    c.model.arch_kwargs = dict(widths=(0.5, 1.0), decoder_hidden=(8,), sandwich=dict(n=3, pool_size=4))
+    c.train.steps = 20
+    c.train.batch_size = 32
+    c.train.eval_batch_size = 64
+    c.train.log_every = 5
+    c.train.eval_every = 5
+    c.train.checkpoint_every = 10
+    c.optimizer.lr = 3e-2
+    return c
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("slimrun")
+    full, part = str(root / "full"), str(root / "part")
+    rf = run(config(), full)
+    run(config(), part, _stop_after=13)
+    assert CheckpointStore(os.path.join(part, "checkpoints")).latest_step() == 10
+    rp = run(config(), part)
+    return full, part, rf, rp
+
+
+@pytest.mark.slow
+def test_sandwich_run_resumes_exactly(runs):
+    full, part, rf, rp = runs
+    assert rp["val"] == rf["val"] and rp["test"] == rf["test"]
+    assert read_metrics(full) == read_metrics(part)  # incl. aux (distillation + CIKD) per log step
+
+
+@pytest.mark.slow
+def test_mtl_slim_cli(runs, capsys):
+    full = runs[0]
+    names = [t["name"] for t in runs[2]["tasks"]]
+    table = os.path.join(full, "slim_table.json")
+    before = sorted(os.listdir(full))
+    for argv, msg in [
+        (["--budget", "1FLOPs", "--preference", f"{names[0]}=1"], "minimum feasible budget is"),
+        (["--budget", "1G", "--preference", "nope=1"], "unknown task"),
+        (["--budget", "1G", "--preference", f"{names[0]}=-1"], ">= 0"),
+        (["--budget", "1G", "--preference", f"{names[0]}=0"], "all zero"),
+    ]:
+        assert main(["slim", "--workdir", full] + argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert msg in err and len(err.splitlines()) == 1, err
+        assert sorted(os.listdir(full)) == before  # nothing written
+    assert main(["slim", "--workdir", full, "--budget", "1G", "--preference", f"{names[0]}=2,{names[1]}=1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert os.path.exists(table)
+    t = json.load(open(table))
+    widest = max(e["flops"] for e in t["entries"].values())
+    assert out["widths"] == {"encoder": 1.0, "decoders": {names[0]: 1.0, names[1]: 1.0}} or out["mflops"] * 1e6 <= widest
+    assert out["mflops"] * 1e6 == pytest.approx(t["entries"][json.dumps(out["widths"], sort_keys=True)]["flops"])
+    assert out["latency_ms"] > 0 and set(out["val"]) == set(names)
+    # eval at a width: its val loss is the table's entry for that configuration
+    assert main(["eval", "--workdir", full, "--split", "val", "--widths", "0.5"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    key = json.dumps({"encoder": 0.5, "decoders": {n: 0.5 for n in sorted(names)}}, sort_keys=True)
+    for n in names:
+        np.testing.assert_allclose(ev["metrics"][n]["loss"], t["entries"][key]["val"][n]["loss"], rtol=1e-5)
+    assert main(["eval", "--workdir", full, "--widths", "0.75"]) == 1
+    assert "not in the trained width set" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_non_slimmable_run_is_refused(tmp_path, capsys):
+    from tests.tiny_runs import tiny_config
+
+    wd = str(tmp_path / "plain")
+    run(tiny_config(steps=5), wd)
+    before = sorted(os.listdir(wd))
+    assert main(["slim", "--workdir", wd, "--budget", "1M", "--preference", "a=1"]) == 1
+    assert "is not a slimmable run" in capsys.readouterr().err
+    assert sorted(os.listdir(wd)) == before
+
+
+@pytest.mark.slow
+def test_artifact_at_a_width(runs, tmp_path):
+    import jax.numpy as jnp
+
+    from mtl.artifact import export_run, load_model_at
+
+    art = export_run(runs[0], str(tmp_path / "a.mtl"))
+    view, meta = load_model_at(art, "encoder=0.5")
+    x = jnp.ones((3, 8))
+    out = view(x)
+    ref = view.model(x, view.widths)
+    for k in out:
+        np.testing.assert_allclose(np.asarray(out[k]), np.asarray(ref[k]))
+    assert view.widths.encoder == 0.5
+    with pytest.raises(ValueError, match="not in the trained width set"):
+        load_model_at(art, "0.25")
