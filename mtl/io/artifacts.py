@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from mtl import checkpoint as ckpt
-from mtl.io.safetensors import TensorSpec
+from mtl.io.safetensors import CommitOnExit, TensorSpec
 
 __all__ = ["OrbaxSource", "ArtifactSource", "TreeWriter", "is_artifact", "is_orbax"]
 
@@ -115,7 +115,7 @@ def _nest(flat: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
-class TreeWriter:
+class TreeWriter(CommitOnExit):
     """Collect ``(path, tensor)`` from a sink and write them as orbax or an artifact on close.
 
     ``kind``: ``"orbax"`` (a pytree checkpoint directory) or ``"artifact"``
@@ -163,13 +163,3 @@ class TreeWriter:
 
     def abort(self) -> None:
         self._tensors.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False

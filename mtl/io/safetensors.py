@@ -297,7 +297,22 @@ def _plan_shards(specs: Mapping[str, TensorSpec], max_shard_bytes: int | None) -
     return shards
 
 
-class SafetensorsWriter:
+class CommitOnExit:
+    """A writer as a context manager: ``close()`` (commit) on a clean exit, ``abort()``
+    (nothing left behind) when the block raises."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+class SafetensorsWriter(CommitOnExit):
     """Write tensors of known specs into one safetensors file or a sharded directory.
 
     ``out`` ending in ``.safetensors`` is one file; anything else is a
@@ -414,16 +429,6 @@ class SafetensorsWriter:
         elif os.path.exists(self._tmp):
             os.remove(self._tmp)
         self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def _replace(tmp: str, out: str) -> None:
