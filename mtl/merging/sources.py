@@ -249,12 +249,17 @@ def _on_device(xs: list) -> list:
     that is kept for memory-mapped arrays (``np.memmap``: their pages are the file's), while a
     source's fresh in-memory array is copied (``may_alias=False``), so the device value never
     keeps the source's buffer alive past this tensor: at most one tensor of each model is
-    resident, whatever the allocator's alignment (aliasing made that depend on it).
+    resident, whatever the allocator's alignment (aliasing made that depend on it). The copy is
+    asynchronous and holds the host buffer until it completes, so this waits for it (one wait
+    per call, for all the tensors moved together), so transfers never pile up. Even then jaxlib
+    drops its reference to the host array a moment later (from its transfer thread, at its next
+    garbage pass); this module keeps none, which ``tests/merging_stream_test.py`` checks.
     """
     host = [i for i, x in enumerate(xs) if isinstance(x, np.ndarray)]
     if host:
         moved = jax.device_put([xs[i] for i in host],
                                may_alias=[isinstance(xs[i], np.memmap) for i in host])
+        jax.block_until_ready(moved)
         xs = list(xs)
         for i, m in zip(host, moved):
             xs[i] = m
@@ -361,6 +366,12 @@ def _is_float_dtype(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
+def _shape_dtype(src, path):
+    """``(shape, dtype)`` of a source's tensor, from its ``spec`` when it has one (else by loading it), or None."""
+    spec = src.spec(path) if hasattr(src, "spec") else src.load(path)
+    return None if spec is None else (tuple(spec.shape), jnp.result_type(spec.dtype))
+
+
 def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, names=None,
                   check_finite: bool = True):
     """Lazy :class:`MergeInputs` over sources; returns ``(inputs, copied_paths, state)``.
@@ -381,12 +392,12 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
     pre_set = set(pre_paths)
     included, copied, sizes = [], [], {}
     for p in pre_paths:
-        spec = pre.spec(p) if hasattr(pre, "spec") else pre.load(p)
-        if spec is None or not keep(p) or not _is_float_dtype(jnp.result_type(spec.dtype)):
+        shape_dtype = _shape_dtype(pre, p)  # (shape, dtype) only: no loaded tensor outlives this line
+        if shape_dtype is None or not keep(p) or not _is_float_dtype(shape_dtype[1]):
             copied.append(p)
         else:
             included.append(p)
-            sizes[p] = int(np.prod(spec.shape, dtype=np.int64))
+            sizes[p] = int(np.prod(shape_dtype[0], dtype=np.int64))
     for src, name in zip(fts, names):
         ft_paths = set(src.paths())
         for p in included:
