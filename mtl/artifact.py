@@ -96,6 +96,10 @@ def export_run(workdir: str, out: str, which: str = "best", overwrite: bool = Fa
         "step": step,
         "source_workdir": os.path.abspath(workdir),
     }
+    if cfg.model.get("arch", "shared") == "slimmable":  # the width search's lookup table travels with it
+        from mtl.nn.slimmable.runs import table_for
+
+        meta["slim_table"] = table_for(workdir, which).to_json()
     return ckpt.export_artifact(out, jax.device_get(nnx.to_pure_dict(params)), meta, overwrite=overwrite)
 
 

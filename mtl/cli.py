@@ -10,7 +10,7 @@
                     [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
                     [--map-hf encoder/] [--sequential] [--overwrite]
     mtl generate --workdir DIR --prompt TEXT [--max-new N] [--temperature T] [--batch B] [--which best|last|STEP]
-    mtl slim   --workdir DIR (--budget 12MFLOPs --preference depth=2,seg=1 | --build-table)
+    mtl slim   --workdir DIR|ARTIFACT (--budget 12MFLOPs --preference depth=2,seg=1 | --build-table)
 """
 from __future__ import annotations
 
@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_slim_parser(sub) -> None:
     s = sub.add_parser("slim", help="slimmable runs: the width configuration for a FLOP budget and task preference")
-    s.add_argument("--workdir", required=True)
+    s.add_argument("--workdir", required=True, help="a slimmable run, or an artifact exported from one "
+                   "(answered from the lookup table it carries: no data needed)")
     s.add_argument("--budget", default="", help="FLOPs per example, e.g. 12MFLOPs")
     s.add_argument("--preference", default="", help="task weights, e.g. depth=2,seg=1 (unlisted tasks 0)")
     s.add_argument("--build-table", action="store_true", help="(re)build RUN/slim_table.json from validation data")
@@ -100,6 +101,9 @@ def _slim(args) -> None:
     from mtl.nn.slimmable import runs
 
     if args.build_table:
+        if runs.is_artifact(args.workdir):
+            raise ValueError(f"{args.workdir} is an artifact: its lookup table was stored at export; "
+                             "--build-table needs the run's workdir (and its validation data)")
         table = runs.build_table(args.workdir, args.which)
         print(f"wrote {os.path.join(args.workdir, 'slim_table.json')} ({len(table.entries)} configurations, "
               f"{len(table.grid)} budget x preference entries)")

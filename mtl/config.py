@@ -70,6 +70,9 @@ def base_config() -> ml_collections.ConfigDict:
         "max_skip_fraction": 0.25,  # skip mode: stop once more than this fraction of train.steps was skipped
         "loss_weights": (),       # fixed per-task loss weights; () = all 1
         "curves": True,           # redraw workdir/curves.png at each evaluation (background thread)
+        "slim_table": True,       # model.arch=slimmable: after `mtl train`, build RUN/slim_table.json
+                                  # (mtl slim's lookup table, on the validation split) and print its
+                                  # uniform-width rows
     })
     c.optimizer = ml_collections.ConfigDict({
         "name": "adamw", "lr": 1e-3, "schedule": "cosine", "warmup_steps": 0,

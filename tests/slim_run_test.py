@@ -112,3 +112,59 @@ def test_artifact_at_a_width(runs, tmp_path):
     assert view.widths.encoder == 0.5
     with pytest.raises(ValueError, match="not in the trained width set"):
         load_model_at(art, "0.25")
+
+
+@pytest.mark.slow
+def test_artifact_carries_the_table_and_answers_without_data(runs, tmp_path, capsys, monkeypatch):
+    from mtl.artifact import export_run
+    from mtl.checkpoint import read_artifact_metadata
+
+    full = runs[0]
+    names = [t["name"] for t in runs[2]["tasks"]]
+    pref = f"{names[0]}=2,{names[1]}=1"
+    assert main(["slim", "--workdir", full, "--budget", "1G", "--preference", pref]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    art = export_run(full, str(tmp_path / "a.mtl"))
+    stored = read_artifact_metadata(art)["slim_table"]
+    assert stored["entries"] == json.load(open(os.path.join(full, "slim_table.json")))["entries"]
+
+    import mtl.train.loop as loop
+
+    def no_data(*a, **k):
+        raise AssertionError("the artifact's search must not load data")
+    monkeypatch.setattr(loop, "load_data", no_data)
+    before = sorted(os.listdir(art))
+    assert main(["slim", "--workdir", art, "--budget", "1G", "--preference", pref]) == 0
+    from_art = json.loads(capsys.readouterr().out)
+    for k in ("widths", "mflops", "objective", "val"):
+        assert from_art[k] == from_run[k], k
+    assert from_art["latency_ms"] > 0
+    assert main(["slim", "--workdir", art, "--budget", "1FLOPs", "--preference", pref]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "minimum feasible budget is" in err and len(err.splitlines()) == 1
+    assert main(["slim", "--workdir", art, "--build-table"]) == 1
+    assert "is an artifact" in capsys.readouterr().err
+    assert sorted(os.listdir(art)) == before
+
+
+@pytest.mark.slow
+def test_train_builds_and_prints_the_table(tmp_path, capsys):
+    from mtl.nn.slimmable.search import SlimTable, key_of
+    from mtl.nn.slimmable.widths import WidthConfig
+    from mtl.train.baselines import run_experiment
+
+    c = config()
+    c.train.steps = 6
+    wd = str(tmp_path / "r")
+    run_experiment(c, wd)
+    table = SlimTable.load(os.path.join(wd, "slim_table.json"))
+    err = capsys.readouterr()
+    text = err.out + err.err
+    assert "uniform widths on the validation split" in text
+    for w in (1.0, 0.5):  # each uniform row prints the table's FLOPs
+        cfg = WidthConfig.uniform(w, table.tasks)
+        assert f"{table.flops(cfg) / 1e6:.3f}" in text, key_of(cfg)
+    c.train.slim_table = False
+    wd2 = str(tmp_path / "r2")
+    run_experiment(c, wd2)
+    assert not os.path.exists(os.path.join(wd2, "slim_table.json"))

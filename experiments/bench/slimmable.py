@@ -11,6 +11,12 @@ batch (minimum over ``--repeats`` interleaved rounds, after a warm-up round), bo
 of the two ratios: 1 = latency follows FLOPs exactly). Last, the number of compilations
 when switching between the warmed-up configurations (must be 0). All figures of one
 encoder come from one run of this script; the CPU is shared, so compare ratios.
+
+``--train`` adds the sandwich rule's train-step cost: one jitted step of the config's
+sandwich rule (n configurations: widest, narrowest, n-2 random, with in-place distillation
+and CIKD) against n separate steps, each training one uniform configuration alone
+(``sandwich.only``: the widths 1, 0.25 and n-2 between), at the same batch; the ratio
+t(sandwich) / sum t(separate) is the overhead of fusing (goal <= 1.0).
 """
 from __future__ import annotations
 
@@ -44,7 +50,8 @@ def _model(encoder: str):
         graph, state = nnx.split(nnx.eval_shape(lambda: factory(nnx.Rngs(0))))
     keys = iter(jax.random.split(jax.random.key(0), len(jax.tree.leaves(state))))
     state = jax.tree.map(lambda s: jax.random.key(0) if jnp.issubdtype(s.dtype, jax.dtypes.prng_key)
-                         else 0.1 * jax.random.normal(next(keys), s.shape, s.dtype), state)
+                         else 0.1 * jax.random.normal(next(keys), s.shape, s.dtype) if jnp.issubdtype(s.dtype, jnp.floating)
+                         else jnp.zeros(s.shape, s.dtype), state)  # counters, raw key data
     return nnx.merge(graph, state)
 
 
@@ -73,12 +80,76 @@ def bench(encoder: str, batch: int, repeats: int) -> list[str]:
     return rows
 
 
+def _steps(encoder: str, sandwich: dict):
+    from mtl.config import load_config_file
+    from mtl import sharding as shd
+    from mtl.train.optimizer import make_optimizer
+    from mtl.train.step import Steps
+
+    cfg = load_config_file(os.path.join(os.path.dirname(__file__), "..", "..", "configs",
+                                        f"slimmable_dense.py:{encoder}"))
+    ak = dict(cfg.model.arch_kwargs)
+    ak["sandwich"] = dict(ak["sandwich"], **sandwich)
+    cfg.model.arch_kwargs = ak
+    factory = model_factory(cfg.model, TASKS, SHAPE)
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    return Steps(factory, TASKS, make_optimizer("adam", 1e-3, 10, schedule="constant"), mesh), ak
+
+
+def _batch(n: int):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return {"inputs": rng.uniform(size=(n,) + SHAPE).astype(np.float32),
+            "labels": {"seg": rng.integers(0, 11, (n, 32, 32)).astype(np.int32),
+                       "depth": rng.uniform(size=(n, 32, 32, 1)).astype(np.float32),
+                       "edges": (rng.uniform(size=(n, 32, 32, 1)) < 0.1).astype(np.float32)},
+            "masks": {t: np.ones(n, bool) for t in ("seg", "depth", "edges")}}
+
+
+def _step_time(steps, batch, repeats: int) -> float:
+    state = steps.init()
+    b = steps.put_batch(batch)
+    state, m = steps.step(state, b)  # compile
+    jax.block_until_ready(m)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = steps.step(state, b)
+        jax.block_until_ready(m)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_train(encoder: str, batch: int, repeats: int) -> list[str]:
+    """Sandwich step (n configurations) vs n separate single-configuration steps."""
+    fused, ak = _steps(encoder, {})
+    n, widths = int(ak["sandwich"]["n"]), sorted(ak["widths"])
+    # n separate steps: the widest, the narrowest and n-2 widths between (uniform configurations)
+    between = [w for w in widths if w not in (min(widths), max(widths))]
+    singles = [max(widths), min(widths)] + [between[i % len(between)] for i in range(n - 2)] if between else \
+        [max(widths), min(widths)][:n]
+    data = _batch(batch)
+    t_fused = _step_time(fused, data, repeats)
+    t_single = {}
+    for w in singles:
+        if w not in t_single:
+            st, _ = _steps(encoder, {"only": float(w), "n": 1})
+            t_single[w] = _step_time(st, data, repeats)
+    total = sum(t_single[w] for w in singles)
+    rows = [f"| {encoder} | {n} | {t_fused * 1e3:.1f} | " + ", ".join(f"{w}: {t_single[w] * 1e3:.1f}" for w in singles)
+            + f" | {total * 1e3:.1f} | {t_fused / total:.2f} |"]
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--encoders", nargs="+", default=["cnn", "vit", "mlp"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", default="")
+    p.add_argument("--train", action="store_true", help="also time the sandwich train step vs n separate steps")
+    p.add_argument("--train-batch", type=int, default=32)
     a = p.parse_args(argv)
     lines = [f"Slimmable dense model (configs/slimmable_dense.py), forward of batch {a.batch}, {jax.devices()[0].platform}",
              "", "| encoder | configuration | MFLOPs / example | FLOPs ratio | latency ms / batch | latency ratio | latency/FLOPs |",
@@ -86,6 +157,15 @@ def main(argv=None):
     for enc in a.encoders:
         lines += bench(enc, a.batch, a.repeats)
         print("\n".join(lines), flush=True)
+    if a.train:
+        lines += ["", f"Train step (Adam, batch {a.train_batch}; minimum over {a.repeats} steps after compilation): "
+                  "the sandwich rule's n configurations in one step vs n separate steps of one uniform "
+                  "configuration each.", "",
+                  "| encoder | n | sandwich step ms | separate steps ms (width: ms) | sum ms | ratio (goal <= 1.0) |",
+                  "|---|---:|---:|---|---:|---:|"]
+        for enc in a.encoders:
+            lines += bench_train(enc, a.train_batch, a.repeats)
+            print(lines[-1], flush=True)
     if a.out:
         os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
         with open(a.out, "w") as f:

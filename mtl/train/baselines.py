@@ -36,6 +36,11 @@ def run_experiment(cfg, workdir: str, *, overwrite: bool = False, resume: bool =
     """Train the multi-task model, then (if configured) the baselines; write Δm% into results.json."""
     cfg = config_lib.with_defaults(cfg)
     results = run(cfg, workdir, overwrite=overwrite, resume=resume)
+    if results and cfg.model.get("arch", "shared") == "slimmable" and cfg.train.slim_table \
+            and jax.process_index() == 0:
+        from mtl.nn.slimmable.runs import build_table, summary
+
+        log(summary(build_table(workdir, "best", log=log)))
     task_names = [t["name"] for t in results["tasks"]]
     base_dir = None
     if cfg.baselines.train:

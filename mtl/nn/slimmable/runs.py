@@ -97,9 +97,11 @@ def budget_grid(flops: Sequence[float], n: int = 8) -> list:
     return [float(v) for v in np.geomspace(lo, hi, n)] if hi > lo else [float(lo)]
 
 
-def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: int = 8, log=_log) -> SlimTable:
+def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: int = 8, log=_log,
+                save: bool = True) -> SlimTable:
     """Measure every candidate of a preference grid on the validation split; write
-    ``RUN/slim_table.json`` (atomically) with the chosen configuration per budget x preference."""
+    ``RUN/slim_table.json`` (atomically, unless ``save=False``) with the chosen configuration
+    per budget x preference."""
     from mtl.train.loop import load_data
 
     steps, model, cfg, bundle = load_run(workdir, which)
@@ -119,14 +121,70 @@ def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: 
         for p in prefs:
             c = search(table, b, p)
             table.grid.append({"budget": b, "preference": p, "choice": key_of(c.widths), "objective": c.objective})
-    table.save(os.path.join(workdir, TABLE_FILE))
+    if save:
+        table.save(os.path.join(workdir, TABLE_FILE))
     return table
+
+
+def table_for(workdir: str, which: str = "best", log=_log) -> SlimTable:
+    """The run's lookup table for ``which``: ``RUN/slim_table.json`` when it was built for the
+    same parameters, else measured now (and saved only for the default ``best``)."""
+    path = os.path.join(workdir, TABLE_FILE)
+    if os.path.exists(path):
+        table = SlimTable.load(path)
+        if table.meta.get("which", "best") == which:
+            return table
+    return build_table(workdir, which, log=log, save=which == "best")
+
+
+def summary(table: SlimTable) -> str:
+    """The uniform-width rows of a table as text: MFLOPs per example and validation loss per task."""
+    tasks = list(table.tasks)
+    lines = ["slimmable: uniform widths on the validation split (full table: mtl slim; RUN/slim_table.json)",
+             f"{'width':>6} {'MFLOPs':>10} " + " ".join(f"{t + ' loss':>14}" for t in tasks)]
+    for w in sorted(table.widths, reverse=True):
+        cfg = WidthConfig.uniform(w, tasks)
+        if table.has(cfg):
+            losses = table.losses(cfg)
+            lines.append(f"{w:>6g} {table.flops(cfg) / 1e6:>10.3f} " + " ".join(f"{losses[t]:>14.4g}" for t in tasks))
+    return "\n".join(lines)
+
+
+def is_artifact(path: str) -> bool:
+    """An exported artifact (``metadata.json``, no ``config.json``) rather than a run's workdir."""
+    return os.path.isfile(os.path.join(path, "metadata.json")) and not os.path.exists(os.path.join(path, "config.json"))
+
+
+def slim_artifact(path: str, budget, preference, repeats: int = 20) -> dict:
+    """:func:`slim` on an exported artifact: the choice from the lookup table stored in it
+    (no validation data), latency measured on the artifact's model at that configuration."""
+    from mtl import checkpoint as ckpt
+    from mtl.artifact import load_model
+
+    meta = ckpt.read_artifact_metadata(path)
+    arch = meta.get("config", {}).get("model", {}).get("arch", "shared")
+    if arch != "slimmable":
+        raise ValueError(f"{path} is not a slimmable artifact (model.arch={arch!r}); width search needs a model "
+                         "trained with model.arch='slimmable'")
+    if "slim_table" not in meta:
+        raise ValueError(f"artifact {path} holds no lookup table (exported before tables were stored); "
+                         "export it again from its run with `mtl export`")
+    table = SlimTable.from_json(meta["slim_table"])
+    choice = search(table, budget, preference)  # bad budget / preference: fails before any loading
+    model, _ = load_model(path)
+    lat = cost.latency(model, choice.widths, tuple(meta["input_shape"]), repeats=repeats)
+    return {"artifact": os.path.abspath(path), "budget_mflops": choice.budget / 1e6, "preference": choice.preference,
+            "widths": choice.widths.to_json(), "mflops": choice.flops / 1e6, "latency_ms": lat * 1e3,
+            "objective": choice.objective, "val": table.entries[key_of(choice.widths)]["val"]}
 
 
 def slim(workdir: str, budget, preference, which: str = "best", repeats: int = 20, log=_log) -> dict:
     """The configuration for (budget, preference): widths, FLOPs, measured latency, val metrics.
 
+    ``workdir`` may also be an exported artifact (:func:`slim_artifact`: the table it carries).
     Bad input (budget, preference, a non-slimmable run) fails before anything is written."""
+    if is_artifact(workdir):
+        return slim_artifact(workdir, budget, preference, repeats)
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir} holds no run (no config.json)")

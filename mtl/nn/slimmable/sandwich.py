@@ -76,7 +76,7 @@ class SandwichSampler:
 def switch_config(index, pool: Sequence[WidthConfig], fn, *operands):
     """``fn(pool[index], *operands)`` with a traced ``index`` (``lax.switch`` over the pool).
     Every branch must return arrays of the same shapes (losses, not features)."""
-    return jax.lax.switch(index, [functools.partial(fn, cfg) for cfg in pool], *operands)
+    return jax.lax.switch(index, [jax.checkpoint(functools.partial(fn, cfg)) for cfg in pool], *operands)
 
 
 @dataclasses.dataclass(frozen=True)
