@@ -2,6 +2,7 @@
 
     python experiments/slimmable.py --quick            # 1 seed, 40 steps, mlp encoder
     python experiments/slimmable.py --seeds 0 1 2      # the full setting (configs/slimmable_dense.py)
+    python experiments/slimmable.py --plot-only        # redraw the plot from the results' .json
 
 Trained per seed (``mtl.train.loop.run``, one workdir each under ``--root``):
 * ``sandwich+cikd`` - the sandwich rule with in-place distillation and CIKD (the config);
@@ -155,6 +156,47 @@ def report(args, results, wall):
     return "\n".join(lines) + "\n"
 
 
+def plot(results, path: str) -> str:
+    """(c) Two panels: the front (test Δm% vs MFLOPs, mean ± sd over seeds, per model) and
+    controllability (Spearman ρ per budget, mean ± sd; the uniform-width baseline is 0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    front = results[0]["front"]
+    fixed = [n for n in front if n.startswith("fixed")]
+    series = [(n, [n]) for n in front if not n.startswith("fixed")] + [("fixed widths (one model each)", fixed)]
+    for label, names in series:
+        pts = [(i, n) for n in names for i in range(len(front[n]))]
+        xs = [front[n][i]["mflops"] for i, n in pts]
+        dm = np.array([[r["front"][n][i]["delta_m"] for r in results] for i, n in pts])
+        order = np.argsort(xs)
+        a.errorbar(np.array(xs)[order], dm.mean(1)[order], yerr=dm.std(1)[order], marker="o", capsize=3, label=label)
+    a.axhline(0, color="grey", lw=0.5)
+    a.set_xlabel("MFLOPs per example (XLA)")
+    a.set_ylabel("test Δm% vs fixed full width")
+    a.set_title("(a) budget-performance front, uniform widths")
+    a.legend(fontsize=8)
+    ctrl = results[0]["control"]
+    fracs = sorted({f for n in ctrl for f in ctrl[n]}, key=float)
+    width = 0.8 / (len(ctrl) + 1)
+    for k, n in enumerate(ctrl):
+        rs = np.array([[r["control"][n][f]["spearman"] for r in results] for f in fracs])
+        b.bar(np.arange(len(fracs)) + k * width, rs.mean(1), width, yerr=rs.std(1), capsize=3, label=n)
+    b.bar(np.arange(len(fracs)) + len(ctrl) * width, np.zeros(len(fracs)), width, label="uniform width (ρ = 0)")
+    b.set_xticks(np.arange(len(fracs)) + width * len(ctrl) / 2, [f"{float(f):.0%} of widest FLOPs" for f in fracs])
+    b.set_ylabel("Spearman ρ (preference vs test performance)")
+    b.set_title("(b) controllability")
+    b.axhline(0, color="grey", lw=0.5)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 seed, 40 steps, 600 train images, mlp encoder, 10 preferences")
@@ -168,7 +210,13 @@ def main(argv=None):
     p.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.75])
     p.add_argument("--root", default="runs/slimmable_exp")
     p.add_argument("--out", default="experiments/results/slimmable.md")
+    p.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's .json, train nothing")
     a = p.parse_args(argv)
+    png = os.path.splitext(a.out)[0] + ".png"
+    if a.plot_only:
+        with open(os.path.splitext(a.out)[0] + ".json") as f:
+            print("wrote", plot(json.load(f)["results"], png))
+        return
     if a.quick:
         a.seeds, a.steps, a.encoder, a.n_train, a.n_test, a.prefs = [0], 40, "mlp", 600, 200, 10
     t0 = time.time()
@@ -181,6 +229,7 @@ def main(argv=None):
     os.replace(a.out + ".tmp", a.out)
     with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
         json.dump({"args": vars(a), "results": results}, f, indent=1)
+    print("wrote", plot(results, png))
 
 
 if __name__ == "__main__":
