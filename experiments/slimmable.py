@@ -131,10 +131,10 @@ def one_seed(args, seed, log):
 def report(args, results, wall):
     cmd = "python experiments/slimmable.py " + " ".join(sys.argv[1:])
     mode = ("QUICK MODE (1 seed, few steps, small data; a smoke-level run, not the result of the full setting)"
-            if args.quick else f"{len(args.seeds)} seeds")
+            if args.quick else f"{len(results)} of {len(args.seeds)} seeds done")
     lines = ["# Slimmable multi-task networks on DenseFashion", "", f"Command: `{cmd}` ({mode}; {wall:.0f} s here).",
              "", f"Encoder {args.encoder}, widths {tuple(args.widths)}, {args.steps} steps, {args.n_train} train / "
-             f"{args.n_test} test images, seeds {list(args.seeds)}. Δm% = mean over tasks of the relative test-loss "
+             f"{args.n_test} test images, seeds {list(args.seeds)[:len(results)]}. Δm% = mean over tasks of the relative test-loss "
              "improvement over the fixed full-width model (higher is better); MFLOPs per example from XLA cost analysis.",
              "", "## (a) Budget-performance front (uniform widths)", "",
              "| model | width | MFLOPs | Δm% (mean ± sd over seeds) |", "|---|---:|---:|---:|"]
@@ -220,16 +220,39 @@ def main(argv=None):
     if a.quick:
         a.seeds, a.steps, a.encoder, a.n_train, a.n_test, a.prefs = [0], 40, "mlp", 600, 200, 10
     t0 = time.time()
-    results = [one_seed(a, s, lambda m: print(m, flush=True)) for s in a.seeds]
-    text = report(a, results, time.time() - t0)
+    results = []
+    for s in a.seeds:
+        results.append(seed_result(a, s, lambda m: print(m, flush=True)))
+        text = report(a, results, time.time() - t0)   # rewritten after every seed: a stopped sweep keeps its seeds
+        _write_atomic(a.out, text)
+        _write_atomic(os.path.splitext(a.out)[0] + ".json",
+                      json.dumps({"args": vars(a), "seeds_done": a.seeds[:len(results)], "results": results}, indent=1))
     print(text)
-    os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
-    with open(a.out + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(a.out + ".tmp", a.out)
-    with open(os.path.splitext(a.out)[0] + ".json", "w") as f:
-        json.dump({"args": vars(a), "results": results}, f, indent=1)
     print("wrote", plot(results, png))
+
+
+def _write_atomic(path, text):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def seed_result(args, seed, log):
+    """``one_seed``'s result, cached in ``ROOT/seedN/result.json`` together with the settings
+    it was computed with: rerunning the sweep skips the seeds already done (same settings)."""
+    path = os.path.join(args.root, f"seed{seed}", "result.json")
+    keys = ("steps", "encoder", "widths", "n_train", "n_test", "prefs", "budgets")
+    settings = {k: getattr(args, k) for k in keys}
+    if os.path.exists(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("settings") == json.loads(json.dumps(settings)):
+            log(f"[seed {seed}] reusing {path}")
+            return cached["result"]
+    out = one_seed(args, seed, log)
+    _write_atomic(path, json.dumps({"settings": settings, "result": out}, indent=1))
+    return out
 
 
 if __name__ == "__main__":

@@ -112,7 +112,11 @@ def sandwich_losses(model, batch, tasks, sampler: SandwichSampler, *, step=None,
     teacher = model.forward(batch["inputs"], sampler.widest)
     labelled = losses_from_outputs(tasks, teacher.outputs, batch)
     distill, cikd = jnp.zeros(()), jnp.zeros(())
-    part = functools.partial(_sub_losses, model, tasks, batch, teacher, sub_labels)
+    # the teacher is never trained by the sub-configurations' terms: cut its gradient before
+    # it enters them (also keeps zero cotangents of the teacher out of the lax.switch branches)
+    frozen = dataclasses.replace(teacher, outputs=jax.lax.stop_gradient(teacher.outputs),
+                                 features=jax.lax.stop_gradient(teacher.features))
+    part = functools.partial(_sub_losses, model, tasks, batch, frozen, sub_labels)
     if step is not None:
         subs = [part(cfg) for cfg in sampler.configs(step)[1:]]
     else:
