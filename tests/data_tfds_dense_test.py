@@ -144,6 +144,8 @@ def test_per_pixel_errors_are_one_line():
         src(tasks=[TASKS[0], TASKS[4]], pixel={"c": {}})
     with pytest.raises(ValueError, match="from_segmentation derives an edges task, not a segmentation"):
         src(pixel={"seg": {"from_segmentation": True}})
+    with pytest.raises(ValueError, match="ignore has no effect on edges derived"):
+        src(tasks=[TASKS[3]], labels={"contour": "seg"}, pixel={"contour": {"from_segmentation": True, "ignore": 255}})
     with pytest.raises(ValueError, match="ignore is for segmentation / edges labels"):
         src(tasks=[TASKS[1]], pixel={"depth": {"ignore": 0}})
     with pytest.raises(ValueError, match="unknown options \\['ignor'\\]"):
@@ -204,7 +206,7 @@ def test_bundle_infers_per_pixel_dims_under_mock_data():
 
         with pytest.raises(ValueError, match="dim=4 but feature 'seg' has 5 classes"):
             bundle({"seg": ("seg", "segmentation", 4)})
-        with pytest.raises(ValueError, match="cannot infer the dim of a segmentation task"):
+        with pytest.raises(ValueError, match="cannot infer the dim of a segmentation task.*LabeledImage"):
             bundle({"seg": ("edge", "segmentation")})
         assert bundle({"seg": ("edge", "segmentation", 2)}).tasks == [TaskInfo("seg", "segmentation", 2)]
         with pytest.raises(ValueError, match="unknown kind 'segmentaion' \\(did you mean 'segmentation'\\?\\)"):

@@ -57,7 +57,10 @@ def _area(x: np.ndarray, size) -> np.ndarray:
     from mtl.data.multifashion import area_resize_matrix
 
     a, b = area_resize_matrix(x.shape[0], size[0]), area_resize_matrix(x.shape[1], size[1])
-    return np.einsum("ih,hwc,jw->ijc", a, x, b).astype(np.float32)
+    h, w, c = x.shape
+    rows = (a @ x.reshape(h, w * c)).reshape(size[0], w, c)            # [H, w, C]
+    cols = b @ rows.transpose(1, 0, 2).reshape(w, size[0] * c)          # [W, H * C]
+    return cols.reshape(size[1], size[0], c).transpose(1, 0, 2).astype(np.float32)
 
 
 def _choice(name, value, options):

@@ -162,6 +162,9 @@ class PixelLabels:
                              "dense_regression task marks invalid pixels by 0 (zero_is_invalid) or NaN")
         if self.from_segmentation and task.kind != "edges":
             raise ValueError(f"task {task.name!r}: from_segmentation derives an edges task, not a {task.kind} one")
+        if self.from_segmentation and self.ignore is not None:
+            raise ValueError(f"task {task.name!r}: ignore has no effect on edges derived from a segmentation "
+                             "map (the ignore value counts as one more label); drop it")
 
 
 def check_pixel_feature(feature, kind: str, path: str, task: str = "?") -> None:
@@ -505,8 +508,10 @@ def infer_dim(feature, kind: str) -> tuple[int, bool]:
         return (1 if len(shape) == 2 else int(shape[2])), False
     if kind == "edges":
         return 1, False
+    hint = " (a segmentation dim comes from a feature with num_classes, e.g. tfds.features.LabeledImage)" \
+        if kind == "segmentation" else ""
     raise ValueError(f"cannot infer the dim of a {kind} task from feature {feature!r}; "
-                     "pass it explicitly as (feature, kind, dim)")
+                     f"pass it explicitly as (feature, kind, dim){hint}")
 
 
 def _parse_tasks(tasks) -> list[tuple[str, str, str, int | None]]:
