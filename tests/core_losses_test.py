@@ -131,8 +131,9 @@ def test_multilabel_accuracy():
 def test_registries_and_directions():
     assert L.LOSSES["softmax_xent"] is L.softmax_xent and L.LOSSES["l1"] is L.l1
     assert M.HIGHER_IS_BETTER == {"accuracy": True, "multilabel_accuracy": True, "mse": False, "mae": False,
-                                  "miou": True, "pixel_accuracy": True, "rmse": False, "f1": True,
-                                  "bits_per_byte": False}
+                                  "miou": True, "pixel_accuracy": True, "pixel_mae": False, "rmse": False,
+                                  "f1": True, "binary_pixel_accuracy": True, "bits_per_byte": False}
+    assert set(M.HIGHER_IS_BETTER) == set(M.METRICS)
 
 
 # ---------------------------------------------------------------- 2. tasks and masking

@@ -1,5 +1,5 @@
-"""Per-pixel task kinds (segmentation, dense_regression, edges): metrics on hand-worked cases,
-task wiring from dataset infos, and a short `mtl train` run of the slimmable model."""
+"""Per-pixel task kinds (segmentation, dense_regression, edges): metrics on hand-worked cases
+(also with unlabelled pixels), task wiring from dataset infos, and a short `mtl train` run of the slimmable model."""
 import json
 import os
 
@@ -63,6 +63,45 @@ def test_tasks_from_dataset_infos_get_per_pixel_losses_and_metrics():
     with pytest.raises(ValueError, match="labels have shape \\(2, 2\\) but the segmentation head predicts"):
         losses_from_outputs([seg], out, {"labels": {"seg": np.zeros((2, 2), np.int32)}})
     assert isinstance(seg.head, Segmentation) and isinstance(dep.head, DenseRegression) and isinstance(edg.head, Edges)
+
+
+def test_unlabelled_pixels_are_left_out_of_losses_and_metrics():
+    """-1 segmentation ids and NaN float labels are ignored: hand-worked per-image values."""
+    import jax
+
+    seg, dep, edg = (Task.from_info(TaskInfo(*a)) for a in
+                     (("seg", "segmentation", 3), ("depth", "dense_regression", 1), ("edges", "edges", 1)))
+    # segmentation, image 0: label [0 -1 1 1], pred [0 1 1 1] -> IoU(0) = 1, IoU(1) = 2/2 -> mIoU 1, acc 3/3
+    # (counting the ignored pixel would give mIoU (1 + 2/3) / 2); image 1: all unlabelled -> 0
+    labels = np.array([[[0, -1], [1, 1]], [[-1, -1], [-1, -1]]])
+    pred = np.array([[[0, 1], [1, 1]], [[2, 2], [2, 0]]])
+    logits = jnp.asarray(_logits_for(pred, 3))
+    np.testing.assert_allclose(M.mean_iou(logits, jnp.asarray(labels))[0], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(M.pixel_accuracy(logits, jnp.asarray(labels)), [1.0, 0.0], rtol=1e-6)
+    z = np.random.default_rng(1).normal(size=(2, 2, 2, 3)).astype(np.float32)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    want0 = -np.mean([logp[0, 0, 0, 0], logp[0, 1, 0, 1], logp[0, 1, 1, 1]])
+    got = np.asarray(seg.loss(jnp.asarray(z), jnp.asarray(labels)))
+    np.testing.assert_allclose(got, [want0, 0.0], rtol=1e-5)
+    bad = labels.copy()
+    bad[0, 0, 0] = 7  # an id that is neither a class nor the ignore id is still an error (NaN)
+    assert np.isnan(np.asarray(seg.loss(jnp.asarray(z), jnp.asarray(bad)))[0])
+    # depth: NaN pixels ignored; loss, rmse and mae over the rest; the gradient stays finite
+    p = np.array([[1.0, 2.0, 3.0, 4.0]], np.float32).reshape(1, 2, 2, 1)
+    t = np.array([[2.0, np.nan, 2.5, 1.0]], np.float32).reshape(1, 2, 2, 1)
+    np.testing.assert_allclose(dep.loss(jnp.asarray(p), jnp.asarray(t)), [(1 + 0.5 + 3) / 3], rtol=1e-6)
+    np.testing.assert_allclose(dep.metrics["rmse"](jnp.asarray(p), jnp.asarray(t)), [np.sqrt((1 + 0.25 + 9) / 3)], rtol=1e-6)
+    np.testing.assert_allclose(dep.metrics["mae"](jnp.asarray(p), jnp.asarray(t)), [1.5], rtol=1e-6)
+    g = jax.grad(lambda q: dep.loss(q, jnp.asarray(t)).sum())(jnp.asarray(p))
+    np.testing.assert_allclose(np.asarray(g).reshape(-1), [-1 / 3, 0.0, 1 / 3, 1 / 3], atol=1e-7)
+    # edges: predicted {0, 1}, true {1} with pixel 0 unlabelled -> on pixels 1..3: tp = 1, F1 = 1; acc 3/3
+    e = np.array([[3.0, 3.0, -3.0, -3.0]], np.float32).reshape(1, 2, 2, 1)
+    y = np.array([[np.nan, 1.0, 0.0, 0.0]], np.float32).reshape(1, 2, 2, 1)
+    np.testing.assert_allclose(edg.metrics["f1"](jnp.asarray(e), jnp.asarray(y)), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(edg.metrics["pixel_accuracy"](jnp.asarray(e), jnp.asarray(y)), [1.0], rtol=1e-6)
+    ev, yv = e.reshape(-1)[1:], y.reshape(-1)[1:]
+    bce = (np.maximum(ev, 0) - ev * yv + np.log1p(np.exp(-np.abs(ev)))).mean()
+    np.testing.assert_allclose(edg.loss(jnp.asarray(e), jnp.asarray(y)), [bce], rtol=1e-5)
 
 
 @pytest.mark.slow

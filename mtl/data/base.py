@@ -17,6 +17,11 @@ Label conventions per task kind:
   multilabel:     float32 [n, dim] of 0/1
   regression:     float32 [n, dim]
   language_model: int32 [n, L] next-token ids in [0, dim) (per-token classification)
+  segmentation:   int32 [n, H, W] class ids in [0, dim); -1 = unlabelled pixel (ignored)
+  dense_regression: float32 [n, H, W, dim]; NaN = invalid pixel (e.g. missing depth; ignored)
+  edges:          float32 [n, H, W, 1] of 0/1; NaN = unlabelled pixel (ignored)
+Per-pixel losses and metrics average over an image's labelled pixels; a sample with none
+should have its mask False (``mtl.data.tfds_source`` does so).
 """
 from __future__ import annotations
 

@@ -5,15 +5,25 @@ per-example numpy dicts. :class:`TfdsSource` reads the requested records and sta
 them into mtl's batch dict; :func:`tfds_bundle` builds a whole :class:`DataBundle`
 and infers task dims from the dataset's feature info. ``tensorflow_datasets`` is
 imported lazily, only by the functions that open a dataset.
+
+Per-pixel tasks (kinds ``segmentation``, ``dense_regression``, ``edges``) read label maps
+``[H, W]`` / ``[H, W, 1]`` (``[H, W, C]`` for dense regression) of the input image's size;
+:class:`PixelLabels` says how unlabelled pixels are marked, and ``resize``
+(:class:`mtl.data.resize.Resize`) brings images of varying or large size to a fixed one.
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from mtl.data.base import DataBundle, TaskInfo
+from mtl.data.resize import Resize
+
+PIXEL_KINDS = ("segmentation", "dense_regression", "edges")
+SOURCE_KINDS = ("classification", "regression", "multilabel") + PIXEL_KINDS
 
 
 # ------------------------------------------------------------------ preprocessing
@@ -101,6 +111,76 @@ def _lookup(record: Mapping, path: str):
     return value
 
 
+# ----------------------------------------------------------- per-pixel labels
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelLabels:
+    """How a per-pixel task's label map is read (kinds segmentation, dense_regression, edges).
+
+    * ``ignore`` (segmentation, edges): the value of unlabelled pixels (e.g. 255). They become
+      -1 (segmentation) / NaN (edges), which the per-pixel losses and metrics leave out;
+    * ``zero_is_invalid`` (dense_regression, default True): a pixel whose values are all 0 is
+      invalid (depth sensors write 0 where they have no reading); non-finite values are always
+      invalid. Invalid pixels become NaN;
+    * ``from_segmentation`` (edges): the feature is a segmentation label map (integer ids) and
+      the edge map is derived from it *after* resizing, with the rule of
+      :func:`mtl.data.dense_fashion.boundaries` at equal depth everywhere: a pixel is an edge
+      when a 4-neighbour has a different label, so contours are 2 pixels thick (one on each
+      side) at the output resolution; the ignore value counts as one more label (a contour
+      against an unlabelled region is a contour) and no pixel is unlabelled.
+
+    A sample none of whose pixels is labelled gets mask False for that task.
+    """
+
+    ignore: int | None = None
+    zero_is_invalid: bool = True
+    from_segmentation: bool = False
+
+    @classmethod
+    def of(cls, spec) -> "PixelLabels":
+        """``None`` (defaults), a :class:`PixelLabels` or a mapping of its fields."""
+        if spec is None:
+            return cls()
+        if isinstance(spec, cls):
+            return spec
+        if not hasattr(spec, "items"):
+            raise ValueError(f"per-pixel label options must be a mapping or PixelLabels, got {spec!r}")
+        spec = dict(spec.items())
+        unknown = sorted(set(spec) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"PixelLabels got unknown options {unknown}; it takes ignore, "
+                             "zero_is_invalid, from_segmentation")
+        return cls(**spec)
+
+    def check(self, task: TaskInfo) -> None:
+        if self.ignore is not None and (isinstance(self.ignore, bool)
+                                        or not isinstance(self.ignore, (int, np.integer))):
+            raise ValueError(f"task {task.name!r}: ignore must be an integer label value, got {self.ignore!r}")
+        if self.ignore is not None and task.kind == "dense_regression":
+            raise ValueError(f"task {task.name!r}: ignore is for segmentation / edges labels; a "
+                             "dense_regression task marks invalid pixels by 0 (zero_is_invalid) or NaN")
+        if self.from_segmentation and task.kind != "edges":
+            raise ValueError(f"task {task.name!r}: from_segmentation derives an edges task, not a {task.kind} one")
+        if self.from_segmentation and self.ignore is not None:
+            raise ValueError(f"task {task.name!r}: ignore has no effect on edges derived from a segmentation "
+                             "map (the ignore value counts as one more label); drop it")
+
+
+def check_pixel_feature(feature, kind: str, path: str, task: str = "?") -> None:
+    """ValueError unless tfds ``feature`` (when its shape is known) is a per-pixel map:
+    ``[H, W]`` or ``[H, W, 1]`` (dense_regression: ``[H, W, C]``)."""
+    shape = getattr(feature, "shape", None)
+    if shape is None:
+        return
+    shape = tuple(shape)
+    if len(shape) == 2 or (len(shape) == 3 and (kind == "dense_regression" or shape[2] == 1)):
+        return
+    want = "[H, W] or [H, W, C]" if kind == "dense_regression" else "[H, W] or [H, W, 1]"
+    raise ValueError(f"task {task!r} ({kind}): feature {path!r} has per-example shape {shape}, not a "
+                     f"per-pixel label map {want}")
+
+
 # ---------------------------------------------------------------------- source
 
 
@@ -117,7 +197,21 @@ class TfdsSource:
       ``multihot`` hold lists of class ids per example (tfds ``Sequence(ClassLabel)``)
       and become 0/1 vectors of length dim (no preprocessing applied). Class ids
       outside ``[0, dim)`` raise ValueError;
-    * ``masks``: all True (tfds features have no notion of a missing label).
+    * per-pixel tasks (kinds segmentation, dense_regression, edges; options per task in
+      ``pixel``, :class:`PixelLabels`): the label map of each example, ``[H, W]`` or
+      ``[H, W, 1]`` (dense regression ``[H, W, C]`` with ``C = dim``) of the input image's
+      ``H x W``, is preprocessed (``preprocess[feature]``, per example), converted to the
+      per-pixel conventions of :mod:`mtl.data.base` (segmentation int32 ``[H, W]`` with -1 for
+      ``ignore``; dense regression float32 ``[H, W, C]`` with NaN for invalid pixels; edges
+      float32 ``[H, W, 1]`` of 0/1, NaN for ``ignore``, or derived from a segmentation map),
+      then resized (``resize``) and stacked;
+    * ``masks``: True (tfds features have no notion of a missing label), except for a
+      per-pixel task on an example without a single labelled pixel.
+
+    ``resize`` (:class:`~mtl.data.resize.Resize`, a ``(H, W)`` pair or a mapping of its
+    fields; default None) brings every example to a fixed size: the input is preprocessed per
+    example then resized (bilinear or area), label maps follow with the same window (nearest;
+    float maps nearest or masked bilinear), so images of varying size can be batched.
 
     ``records`` is any object with ``len()`` and ``records[i]`` -> dict; its batched
     ``__getitems__`` is used when it exists and works. Features must have a fixed shape
@@ -128,12 +222,28 @@ class TfdsSource:
     def __init__(self, records, *, inputs: str, tasks: Sequence[TaskInfo],
                  labels: Mapping[str, str] | None = None,
                  preprocess: Mapping[str, Any] | None = None,
-                 multihot: Sequence[str] = (), name: str = "tfds"):
+                 multihot: Sequence[str] = (), name: str = "tfds",
+                 pixel: Mapping[str, Any] | None = None, resize=None):
         self.records = records
         self.name = name
         self.inputs = inputs
         self.tasks = list(tasks)
         task_names = [t.name for t in self.tasks]
+        for t in self.tasks:
+            if t.kind not in SOURCE_KINDS:
+                raise ValueError(f"task {t.name!r}: TfdsSource reads the kinds {SOURCE_KINDS}, not {t.kind!r}")
+            if t.kind == "edges" and t.dim != 1:
+                raise ValueError(f"task {t.name!r}: an edges task has dim 1, got {t.dim}")
+        dense = [t.name for t in self.tasks if t.kind in PIXEL_KINDS]
+        pixel = dict(pixel.items()) if pixel is not None else {}
+        if not set(pixel) <= set(dense):
+            raise ValueError(f"pixel options given for {sorted(set(pixel) - set(dense))}, which are not "
+                             f"per-pixel tasks (those are {dense})")
+        self.pixel = {n: PixelLabels.of(pixel.get(n)) for n in dense}
+        for t in self.tasks:
+            if t.name in self.pixel:
+                self.pixel[t.name].check(t)
+        self.resize = Resize.of(resize)
         self.labels = dict(labels) if labels is not None else {t: t for t in task_names}
         if sorted(self.labels) != sorted(task_names):
             raise ValueError(f"labels must map every task to a feature: tasks {task_names}, "
@@ -154,8 +264,9 @@ class TfdsSource:
         info = getattr(records, "dataset_info", None)
         features = getattr(info, "features", None)
         if features is not None:  # fail at construction, not at the first batch
-            for path in sorted(used):
-                get_feature(features, path, dataset=f"tfds dataset {name!r}")
+            found = {path: get_feature(features, path, dataset=f"tfds dataset {name!r}")
+                     for path in sorted(used)}
+            self._check_pixel_features(found)
         self._batched_reads = hasattr(records, "__getitems__")
 
     def __len__(self) -> int:
@@ -211,6 +322,95 @@ class TfdsSource:
                              f"{feature!r} gives {y.shape[1]} values per example")
         return y
 
+    def _check_pixel_features(self, found: Mapping) -> None:
+        dense = [t for t in self.tasks if t.kind in PIXEL_KINDS]
+        if not dense:
+            return
+        img = tuple(getattr(found[self.inputs], "shape", None) or ())
+        if img and len(img) not in (2, 3):
+            raise ValueError(f"per-pixel tasks {[t.name for t in dense]} need an image input "
+                             f"[H, W, C]; feature {self.inputs!r} has per-example shape {img}")
+        for t in dense:
+            path = self.labels[t.name]
+            kind = "segmentation" if self.pixel[t.name].from_segmentation else t.kind
+            check_pixel_feature(found[path], kind, path, t.name)
+            shape = tuple(getattr(found[path], "shape", None) or ())
+            if img and shape and None not in img[:2] + shape[:2] and img[:2] != shape[:2]:
+                raise ValueError(f"task {t.name!r}: label map {path!r} is {shape[0]}x{shape[1]} but the "
+                                 f"input {self.inputs!r} is {img[0]}x{img[1]}; they must be the same size")
+
+    def _pixel_label(self, task: TaskInfo, raw, hw, window, key: int) -> np.ndarray:
+        """One example's per-pixel label map in mtl's convention, resized (see the class doc)."""
+        feature, opt, kind = self.labels[task.name], self.pixel[task.name], task.kind
+        y = np.asarray(self._prep[feature](np.asarray(raw)) if feature in self._prep else raw)
+        seg_like = kind == "segmentation" or opt.from_segmentation
+        if y.ndim == 3 and y.shape[-1] == 1 and kind != "dense_regression":
+            y = y[..., 0]
+        elif y.ndim == 2 and kind == "dense_regression":
+            y = y[..., None]
+        if y.ndim != (3 if kind == "dense_regression" else 2):
+            want = "[H, W] or [H, W, C]" if kind == "dense_regression" else "[H, W] or [H, W, 1]"
+            raise ValueError(f"task {task.name!r} ({kind}): feature {feature!r} of {self.name!r} has "
+                             f"per-example shape {np.shape(raw)}, not a per-pixel label map {want}")
+        if tuple(y.shape[:2]) != tuple(hw):
+            raise ValueError(f"task {task.name!r}: label map {feature!r} is {y.shape[0]}x{y.shape[1]} but "
+                             f"the input {self.inputs!r} is {hw[0]}x{hw[1]} (record {key} of "
+                             f"{self.name!r}); they must be the same size")
+        resize = self.resize
+        if seg_like:
+            if not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+                raise ValueError(f"task {task.name!r}: feature {feature!r} must hold integer class ids "
+                                 f"for {'derived edges' if opt.from_segmentation else 'segmentation'}, "
+                                 f"got dtype {y.dtype}")
+            y = y.astype(np.int64)
+        if opt.from_segmentation:
+            from mtl.data.dense_fashion import boundaries
+
+            if resize is not None:
+                y = resize.apply_labels(y, window)
+            return boundaries(y, np.zeros(y.shape, np.float32)).astype(np.float32)[..., None]
+        ignore = np.zeros(y.shape, bool) if opt.ignore is None else (y == opt.ignore)
+        if kind == "segmentation":
+            bad = ~ignore & ((y < 0) | (y >= task.dim))
+            if bad.any():
+                raise ValueError(f"task {task.name!r}: class id {y[bad][0]} in feature {feature!r} (record "
+                                 f"{key}) is outside [0, {task.dim}) and not the ignore value {opt.ignore}")
+            y = np.where(ignore, -1, y).astype(np.int32)
+            return y if resize is None else resize.apply_labels(y, window)
+        y = np.asarray(y, np.float32)
+        if kind == "edges":
+            bad = ~ignore & (y != 0) & (y != 1)
+            if bad.any():
+                raise ValueError(f"task {task.name!r}: edge maps hold 0/1 (or the ignore value "
+                                 f"{opt.ignore}); feature {feature!r} (record {key}) has {y[bad][0]}")
+            y = np.where(ignore, np.nan, y).astype(np.float32)[..., None]
+            return y if resize is None else resize.apply_labels(y, window)
+        if y.shape[-1] != task.dim:
+            raise ValueError(f"task {task.name!r} (dense_regression, dim {task.dim}): feature {feature!r} "
+                             f"gives {y.shape[-1]} values per pixel")
+        invalid = ~np.isfinite(y).all(-1)
+        if opt.zero_is_invalid:
+            invalid |= (y == 0).all(-1)
+        y = np.where(invalid[..., None], np.nan, y).astype(np.float32)
+        return y if resize is None else resize.apply_values(y, window)
+
+    def _inputs(self, raw: list, keys: list) -> tuple:
+        """(stacked inputs, per-example input (H, W), per-example resize windows)."""
+        prep = self._prep[self.inputs]
+        if self.resize is None:
+            return prep(self._stack(raw, self.inputs)), [np.shape(v)[:2] for v in raw], [None] * len(raw)
+        xs, hws, windows = [], [], []
+        for v, key in zip(raw, keys):
+            img = np.asarray(prep(np.asarray(v)))
+            img = img[..., None] if img.ndim == 2 else img
+            if img.ndim != 3:
+                raise ValueError(f"input {self.inputs!r} of {self.name!r} (record {key}) has shape "
+                                 f"{img.shape}; resize takes images [H, W, C]")
+            hws.append(img.shape[:2])
+            windows.append(self.resize.window(img.shape[:2]))
+            xs.append(self.resize.apply_image(img, windows[-1]))
+        return np.stack(xs), hws, windows
+
     def __getitem__(self, idx) -> dict:
         idx = np.asarray(idx)
         if not np.issubdtype(idx.dtype, np.integer):
@@ -224,26 +424,37 @@ class TfdsSource:
         empty = flat.size == 0
         keys = [0] if empty else [int(k) for k in flat]  # read one to learn the shapes
         records = self._read(keys)
-        x = self._prep[self.inputs](self._stack([_lookup(r, self.inputs) for r in records],
-                                                self.inputs))
-        labels = {t.name: self._label(t, [_lookup(r, self.labels[t.name]) for r in records])
-                  for t in self.tasks}
+        x, hws, windows = self._inputs([_lookup(r, self.inputs) for r in records], keys)
+        labels, masks = {}, {}
+        for t in self.tasks:
+            values = [_lookup(r, self.labels[t.name]) for r in records]
+            if t.kind not in PIXEL_KINDS:
+                labels[t.name] = self._label(t, values)
+                masks[t.name] = np.ones(len(keys), bool)
+                continue
+            y = self._stack([self._pixel_label(t, v, hw, w, k)
+                             for v, hw, w, k in zip(values, hws, windows, keys)], self.labels[t.name])
+            labels[t.name] = y
+            flat_y = y.reshape(len(keys), -1)
+            masks[t.name] = (flat_y != -1).any(1) if t.kind == "segmentation" else np.isfinite(flat_y).any(1)
         if empty:
-            x, labels = x[:0], {k: v[:0] for k, v in labels.items()}
+            x = x[:0]
+            labels, masks = {k: v[:0] for k, v in labels.items()}, {k: v[:0] for k, v in masks.items()}
         shape = idx.shape
         return {"inputs": x.reshape(shape + x.shape[1:]),
                 "labels": {k: v.reshape(shape + v.shape[1:]) for k, v in labels.items()},
-                "masks": {t.name: np.ones(shape, bool) for t in self.tasks}}
+                "masks": {k: v.reshape(shape) for k, v in masks.items()}}
 
     @classmethod
     def open(cls, name: str, split: str, *, inputs: str, tasks: Sequence[TaskInfo],
              labels: Mapping[str, str] | None = None, preprocess=None, multihot=(),
-             data_dir=None, download: bool = False, **data_source_kwargs) -> "TfdsSource":
+             pixel=None, resize=None, data_dir=None, download: bool = False,
+             **data_source_kwargs) -> "TfdsSource":
         """``TfdsSource(tfds.data_source(name, split=split, data_dir=...), ...)``."""
         records = open_data_source(name, split, data_dir=data_dir, download=download,
                                    **data_source_kwargs)
         return cls(records, inputs=inputs, tasks=tasks, labels=labels, preprocess=preprocess,
-                   multihot=multihot, name=f"{name}:{split}")
+                   multihot=multihot, name=f"{name}:{split}", pixel=pixel, resize=resize)
 
 
 def open_data_source(name: str, split: str, *, data_dir=None, download: bool = False,
@@ -271,7 +482,9 @@ def infer_dim(feature, kind: str) -> tuple[int, bool]:
 
     classification: ``ClassLabel.num_classes``; multilabel: a ``Sequence(ClassLabel)``
     (class-id lists, multihot=True) or a fixed 0/1 vector of length k; regression: a
-    scalar (1) or fixed vector of length k. Raises ValueError when it cannot tell.
+    scalar (1) or fixed vector of length k; segmentation: the ``num_classes`` of a
+    ``LabeledImage`` (or other ClassLabel-like feature); dense_regression: 1 for ``[H, W]``,
+    C for ``[H, W, C]``; edges: 1. Raises ValueError when it cannot tell.
     """
     import tensorflow_datasets as tfds
 
@@ -288,8 +501,17 @@ def infer_dim(feature, kind: str) -> tuple[int, bool]:
         return int(np.prod(shape, dtype=np.int64)), False
     if kind == "multilabel" and fixed and len(shape) == 1:
         return int(shape[0]), False
+    if kind == "segmentation" and getattr(feature, "num_classes", None):
+        return int(feature.num_classes), False
+    if kind == "dense_regression" and shape is not None and (
+            len(shape) == 2 or (len(shape) == 3 and shape[2] is not None)):
+        return (1 if len(shape) == 2 else int(shape[2])), False
+    if kind == "edges":
+        return 1, False
+    hint = " (a segmentation dim comes from a feature with num_classes, e.g. tfds.features.LabeledImage)" \
+        if kind == "segmentation" else ""
     raise ValueError(f"cannot infer the dim of a {kind} task from feature {feature!r}; "
-                     "pass it explicitly as (feature, kind, dim)")
+                     f"pass it explicitly as (feature, kind, dim){hint}")
 
 
 def _parse_tasks(tasks) -> list[tuple[str, str, str, int | None]]:
@@ -312,6 +534,7 @@ def _parse_tasks(tasks) -> list[tuple[str, str, str, int | None]]:
 def tfds_bundle(name: str, tasks: Mapping[str, Any] | None = None, *, inputs: str = "image",
                 train_split: str = "train", test_split: str = "test",
                 val_split: str | None = None, data_dir=None, preprocess=None,
+                pixel: Mapping[str, Any] | None = None, resize=None,
                 download: bool = False, data_source_kwargs: Mapping | None = None) -> DataBundle:
     """A :class:`DataBundle` over tfds splits, read with ``tfds.data_source``.
 
@@ -323,14 +546,30 @@ def tfds_bundle(name: str, tasks: Mapping[str, Any] | None = None, *, inputs: st
     input defaults to ``"auto"``: uint8 -> float32 / 255). Splits accept tfds slicing
     (``"train[:90%]"``); ``val_split=None`` leaves validation to the pipeline.
     ``download`` defaults to False: nothing is fetched unless asked.
+
+    Per-pixel kinds (``segmentation``, ``dense_regression``, ``edges``): ``pixel`` maps such a
+    task to its :class:`PixelLabels` options (or a dict of them, e.g. ``{"seg": {"ignore": 255},
+    "edges": {"from_segmentation": True}}``) and ``resize`` (``(H, W)``, a dict of
+    :class:`~mtl.data.resize.Resize` fields, or a Resize) fixes the example size; see
+    :class:`TfdsSource`. Example::
+
+        tfds_bundle("nyu_depth_v2", {"depth": ("depth", "dense_regression")},
+                    test_split="validation", resize=(240, 320))
     """
     kwargs = dict(data_source_kwargs or {})
     opened = {"train": open_data_source(name, train_split, data_dir=data_dir,
                                         download=download, **kwargs)}
     features = opened["train"].dataset_info.features
+    pixel = dict(pixel.items()) if pixel is not None else {}
     task_infos, labels, multihot = [], {}, []
     for task, feature_path, kind, dim in _parse_tasks(tasks):
+        if kind not in SOURCE_KINDS:
+            raise ValueError(f"task {task!r}: unknown kind {kind!r}{_did_you_mean(str(kind), SOURCE_KINDS)}; "
+                             f"tfds tasks are one of {SOURCE_KINDS}")
         feature = get_feature(features, feature_path, dataset=f"tfds dataset {name!r}")
+        if kind in PIXEL_KINDS:
+            derived = PixelLabels.of(pixel.get(task)).from_segmentation
+            check_pixel_feature(feature, "segmentation" if derived else kind, feature_path, task)
         try:
             inferred, is_multihot = infer_dim(feature, kind)
         except ValueError:
@@ -339,7 +578,7 @@ def tfds_bundle(name: str, tasks: Mapping[str, Any] | None = None, *, inputs: st
             inferred, is_multihot = None, False
         if dim is None:
             dim = inferred
-        elif inferred is not None and kind == "classification" and int(dim) != inferred:
+        elif inferred is not None and kind in ("classification", "segmentation") and int(dim) != inferred:
             raise ValueError(f"task {task!r}: dim={dim} but feature {feature_path!r} has "
                              f"{inferred} classes")
         task_infos.append(TaskInfo(task, kind, int(dim)))
@@ -355,10 +594,13 @@ def tfds_bundle(name: str, tasks: Mapping[str, Any] | None = None, *, inputs: st
             name, split, data_dir=data_dir, download=download, **kwargs)
         sources[key] = TfdsSource(records, inputs=inputs, tasks=task_infos, labels=labels,
                                   preprocess=preprocess, multihot=multihot,
-                                  name=f"{name}:{split}")
+                                  name=f"{name}:{split}", pixel=pixel, resize=resize)
     first = sources["train"][np.arange(min(1, len(sources["train"])))]["inputs"]
     return DataBundle(name=name, tasks=task_infos, train=sources["train"],
                       test=sources["test"], val=sources.get("val"),
                       input_shape=tuple(first.shape[1:]), input_dtype=str(first.dtype),
                       meta={"tfds_name": name, "splits": splits, "data_dir": data_dir,
-                            "label_features": labels})
+                            "label_features": labels,
+                            "pixel": {k: dataclasses.asdict(v) for k, v in sources["train"].pixel.items()},
+                            "resize": None if sources["train"].resize is None
+                            else sources["train"].resize.to_json()})

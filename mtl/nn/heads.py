@@ -107,31 +107,33 @@ class PerPixel:
 
 @dataclasses.dataclass(frozen=True)
 class Segmentation(PerPixel, Classification):
-    """Per-pixel softmax over ``out`` classes; integer labels [B, H, W]. Loss: per-pixel
-    cross-entropy; metrics: per-image mIoU, pixel accuracy."""
+    """Per-pixel softmax over ``out`` classes; integer labels [B, H, W], -1 = unlabelled pixel
+    (ignored). Loss: per-pixel cross-entropy; metrics: per-image mIoU, pixel accuracy."""
 
     kind = "segmentation"
-    default_metrics = (("miou", M.mean_iou), ("pixel_accuracy", M.accuracy))
+    default_loss = staticmethod(L.pixel_softmax_xent)
+    default_metrics = (("miou", M.mean_iou), ("pixel_accuracy", M.pixel_accuracy))
 
 
 @dataclasses.dataclass(frozen=True)
 class DenseRegression(PerPixel, Regression):
-    """Per-pixel real values (depth: ``out=1``); labels [B, H, W, out]. Loss: L1; metrics:
-    per-image RMSE, mean absolute error."""
+    """Per-pixel real values (depth: ``out=1``); labels [B, H, W, out], NaN = invalid (ignored).
+    Loss: L1; metrics: per-image RMSE, mean absolute error (over valid pixels)."""
 
     kind = "dense_regression"
-    default_loss = staticmethod(L.l1)
-    default_metrics = (("rmse", M.rmse), ("mae", M.mae))
+    default_loss = staticmethod(L.pixel_l1)
+    default_metrics = (("rmse", M.rmse), ("mae", M.pixel_mae))
 
 
 @dataclasses.dataclass(frozen=True)
 class Edges(PerPixel, MultiLabel):
-    """Per-pixel boundary probability (sigmoid); 0/1 labels [B, H, W, 1]. Loss: binary
-    cross-entropy; metrics: per-image F1 at probability 0.5, pixel accuracy."""
+    """Per-pixel boundary probability (sigmoid); 0/1 labels [B, H, W, 1], NaN = unlabelled
+    (ignored). Loss: binary cross-entropy; metrics: per-image F1 at probability 0.5, pixel accuracy."""
 
     out: int = 1
     kind = "edges"
-    default_metrics = (("f1", M.binary_f1), ("pixel_accuracy", M.multilabel_accuracy))
+    default_loss = staticmethod(L.pixel_sigmoid_xent)
+    default_metrics = (("f1", M.binary_f1), ("pixel_accuracy", M.binary_pixel_accuracy))
 
 
 @dataclasses.dataclass(frozen=True)
