@@ -98,16 +98,14 @@ def test_sandwich_sampler_structure_determinism_and_coverage():
     big = S.SandwichSampler(S.WIDTHS, ("a", "b", "c"), n=3, pool_size=16, seed=1)
     assert len(big.pool) == 16 == len(set(big.pool)) and big.pool == S.SandwichSampler(
         S.WIDTHS, ("a", "b", "c"), n=3, pool_size=16, seed=1).pool
-    idx = np.asarray(big.indices(jax.random.key(0)))
-    assert idx.shape == (1,) and 0 <= idx[0] < 16
+    # groups: the pool shuffled and cut into groups of n - 2; every pool entry in some group
+    g3 = S.SandwichSampler(S.WIDTHS, ("a", "b", "c"), n=5, pool_size=10, seed=1)
+    assert len(g3.groups) == 4 and all(len(g) == 3 for g in g3.groups)       # ceil(10 / 3), last wraps
+    flat = [c for g in g3.groups for c in g]
+    assert set(flat) == set(g3.pool) and len(set(flat[:10])) == 10 and flat[10:] == flat[:2]
+    assert S.SandwichSampler(S.WIDTHS, ("a",), n=2).groups == ((),)
     with pytest.raises(ValueError, match="n >= 2"):
         S.SandwichSampler(S.WIDTHS, ("a",), n=1)
-
-
-def test_switch_config_runs_the_indexed_configuration():
-    pool = (S.WidthConfig(0.25), S.WidthConfig(0.5), S.WidthConfig(1.0))
-    f = jax.jit(lambda i, x: S.switch_config(i, pool, lambda cfg, x: x * cfg.encoder, x))
-    assert [float(f(i, 2.0)) for i in range(3)] == [0.5, 1.0, 2.0]
 
 
 def _model(tasks=tuple(TASKS[:2])):
@@ -156,36 +154,34 @@ def test_sandwich_losses_host_sampling_equal_the_manual_composition(sub_labels):
     assert float(got[1]) > 0 and float(got[2]) > 0
 
 
-def test_sandwich_losses_in_jit_sampling_use_the_drawn_pool_entries():
+def test_sandwich_losses_of_a_group_use_that_groups_configurations():
     tasks, m = _model(TASKS[:1])
     smp = S.SandwichSampler((0.5, 1.0), [t.name for t in tasks], n=3, seed=0)   # a pool of 2**2 configs
     m.widths = (0.5, 1.0)  # a model trained at these two widths (norm parameters exist for all four)
     graph, state = nnx.split(m)
-    batch, key = _batch(), jax.random.key(3)
-
-    @jax.jit
-    def run(state, batch, key):
-        got = S.sandwich_losses(nnx.merge(graph, state), batch, tasks, smp, key=key)
-        return got.labelled, got.distill, got.cikd
-
-    got = run(state, batch, key)
-    idx = np.asarray(smp.indices(key))
-    configs = (smp.widest, smp.narrowest) + tuple(smp.pool[i] for i in idx)
-    want = jax.jit(lambda s, b: _manual(nnx.merge(graph, s), tasks, b, configs))(state, batch)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+    batch = _batch()
+    assert len(smp.groups) == 4
+    for g in (0, 3):
+        got = jax.jit(lambda s, b: (lambda r: (r.labelled, r.distill, r.cikd))(
+            S.sandwich_losses(nnx.merge(graph, s), b, tasks, smp, group=g)))(state, batch)
+        configs = (smp.widest, smp.narrowest) + smp.groups[g]
+        want = jax.jit(lambda s, b: _manual(nnx.merge(graph, s), tasks, b, configs))(state, batch)
+        for a, w in zip(got, want):
+            np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="exactly one of step="):
         S.sandwich_losses(m, batch, tasks, smp)
+    with pytest.raises(ValueError, match="group must be in 0..3"):
+        S.sandwich_losses(m, batch, tasks, smp, group=4)
 
 
 @pytest.mark.slow
-def test_sandwich_gradient_through_the_pool_switch_is_finite_and_reaches_every_part():
+def test_sandwich_gradient_of_a_group_is_finite_and_reaches_every_part():
     tasks, m = _model(TASKS[:1])
     smp = S.SandwichSampler((0.5, 1.0), [t.name for t in tasks], n=3, seed=0)
     m.widths = (0.5, 1.0)
     graph, params, rest = nnx.split(m, nnx.Param, ...)
     batch = _batch()
-    loss = lambda p: S.sandwich_losses(nnx.merge(graph, p, rest), batch, tasks, smp, key=jax.random.key(0)).total()
+    loss = lambda p: S.sandwich_losses(nnx.merge(graph, p, rest), batch, tasks, smp, group=1).total()
     grads = jax.jit(jax.grad(loss))(params)
     leaves = jax.tree.leaves(grads)
     assert all(np.isfinite(np.asarray(v)).all() for v in leaves)

@@ -59,23 +59,24 @@ def test_sandwich_step_sharded_equals_single_device():
         assert a1 > 0  # distillation + CIKD really are part of the objective
     for a, b in zip(jax.tree.leaves(jax.device_get(s1.params)), jax.tree.leaves(jax.device_get(s8.params))):
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    # the random stream advanced once per step (the n - 2 = 1 random configuration per step)
-    counts = [x for p, x in jax.tree_util.tree_leaves_with_path(jax.device_get(s1.rest)) if "count" in str(p)]
-    assert [int(c) for c in counts] == [3]
 
 
 def _reference(steps, state, b):
-    """The step's objective re-derived outside it: the same key (stream key folded with the
-    count), sandwich_losses with the same pool and weights."""
+    """The step's objective re-derived outside it: the group drawn from the step key (the
+    run's key folded with the step, then with the variant salt), sandwich_losses of that
+    group with the same pool and weights."""
+    from mtl.train.step import VARIANT_SALT
+
     model = steps.model(state.params, state.rest)
-    rs = model.sandwich_rng
-    key = jax.random.fold_in(jax.random.wrap_key_data(rs.key[...]), rs.count[...])
     sampler = SandwichSampler((0.25, 0.5, 1.0), ("cls", "reg"), n=3, pool_size=4)
+    assert model.train_variants == len(sampler.groups) == 4
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    group = int(jax.random.randint(jax.random.fold_in(key, VARIANT_SALT), (), 0, 4))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def parts(p):
         m = nnx.merge(graphdef, p, rest)
-        sl = sandwich_losses(m, jax.tree.map(jnp.asarray, b), TASKS, sampler, key=key)
+        sl = sandwich_losses(m, jax.tree.map(jnp.asarray, b), TASKS, sampler, group=group)
         return sl.labelled, 0.5 * sl.distill + 2.0 * sl.cikd
     return params, parts
 

@@ -9,6 +9,7 @@ never the routes.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import jax
@@ -33,6 +34,22 @@ class Forward:
         self.has_features = not self.own_losses and all(
             hasattr(abstract_model, a) for a in ("features", "heads_from_features", "heads"))
         self.pools_routing_counts = bool(getattr(abstract_model, "pools_routing_counts", False))
+        # a model with its own objective may declare ``train_variants`` = G static variants of it
+        # (e.g. the sandwich rule's groups of widths): the step draws one per step and traces its
+        # whole gradient route once per variant (mtl.train.step); ``train_losses`` gets ``variant=``
+        self.variants = int(getattr(abstract_model, "train_variants", 1)) if self.own_losses else 1
+        if self.variants < 1:
+            raise ValueError(f"{type(abstract_model).__name__}.train_variants must be >= 1; got {self.variants}")
+        self._variant = 0
+
+    @contextlib.contextmanager
+    def at_variant(self, v: int):
+        """Trace the model's objective at static variant ``v`` inside this block (default 0)."""
+        old, self._variant = self._variant, int(v)
+        try:
+            yield
+        finally:
+            self._variant = old
 
     def model(self, params, rest):
         return nnx.merge(self.graphdef, params, rest)
@@ -61,7 +78,8 @@ class Forward:
         (non-parameter state, threaded through the step and checkpointed). Every route then
         treats it like any model: the per-task losses are weighted, the aux loss added."""
         if self.own_losses:
-            losses, aux_loss = model.train_losses(batch, self.tasks)
+            kw = {"variant": self._variant} if self.variants > 1 else {}
+            losses, aux_loss = model.train_losses(batch, self.tasks, **kw)
             return jnp.asarray(losses, jnp.float32), jnp.asarray(aux_loss, jnp.float32), self.rest_of(model)
         aux_loss = jnp.zeros((), jnp.float32)
         counts = batch.get(ROUTING_COUNTS) if isinstance(batch, dict) else None

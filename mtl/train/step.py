@@ -30,6 +30,11 @@ step's batch after the update (one extra forward pass). A second jitted step,
 ``train_step_diag``, also returns gradient diagnostics (per-task gradient norms, pairwise
 cosines, conflict fraction) through the route that builds G; the loop calls it every
 ``optim.diagnostics_every`` steps. Both compute the same update.
+
+A model with its own objective may declare ``train_variants = G > 1`` static variants
+of it (the sandwich rule's groups of widths): each step draws one (uniform, from the step
+key, so resume is exact) and the route runs under a ``lax.switch`` over G copies of
+itself (:meth:`Steps._run_route`), one per variant, so autodiff stays inside a branch.
 """
 from __future__ import annotations
 
@@ -54,6 +59,8 @@ from mtl.train.routes import StepInputs, builds_gram, make_route
 from mtl.train.spec import OptimSpec
 from mtl.train.update import apply_update
 from mtl.train.weigh import Weigh
+
+VARIANT_SALT = 0x5A4D  # folded into the step key to draw a model's train variant (independent of other uses)
 
 
 @flax.struct.dataclass
@@ -208,7 +215,7 @@ class Steps:
                          key=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
                          step=state.step, present=present_mask(self.tasks, batch),
                          sparse_mask=state.sparse_mask if sparse else None)
-        out = (self.diag_route if diagnostics else self.route)(inp, self.weigh)
+        out = self._run_route(self.diag_route if diagnostics else self.route, inp)
         post = None
         if self.weigh.same_batch_update:  # FAMO: this batch again, with the updated parameters
             post = lambda params, rest, agg: self.weigh.post_update(  # noqa: E731
@@ -218,6 +225,22 @@ class Steps:
             new_state = new_state.replace(sparse_mask=jax.tree.map(
                 lambda a, b: jnp.where(metrics["ok"], a, b), new_state.sparse_mask, prev_mask))
         return new_state, metrics
+
+    def _run_route(self, route, inp):
+        """``route(inp)``; for a model with G > 1 ``train_variants``, the variant of this step
+        (uniform, from the step key) and the whole route traced once per variant under a
+        ``lax.switch``: gradients are taken inside each branch, never through the switch."""
+        G = self.forward.variants
+        if G == 1:
+            return route(inp, self.weigh)
+
+        def branch(v):
+            def run():
+                with self.forward.at_variant(v):
+                    return route(inp, self.weigh)
+            return run
+        v = jax.random.randint(jax.random.fold_in(inp.key, VARIANT_SALT), (), 0, G)
+        return jax.lax.switch(v, [branch(v) for v in range(G)])
 
     def _sparse_mask(self, state, batch):
         """The sparse-training mask for this step. ``"magnitude"``: fixed at init.

@@ -14,7 +14,7 @@ from mtl.nn.slimmable.encoders import SLIM_ENCODERS, SlimCNN, SlimMLP, SlimViT, 
 from mtl.nn.slimmable.decoders import DenseDecoder, PooledDecoder, VectorDenseDecoder
 from mtl.nn.slimmable.model import SlimForward, SlimmableMultiTask, SlimView, is_per_pixel, shared_channels
 from mtl.nn.slimmable.distill import cikd_loss, inplace_distillation_loss
-from mtl.nn.slimmable.sandwich import SandwichLosses, SandwichSampler, sandwich_losses, switch_config
+from mtl.nn.slimmable.sandwich import SandwichLosses, SandwichSampler, sandwich_losses
 from mtl.nn.slimmable.cost import Cost, config_cost, flops, forward, latency
 
 __all__ = [n for n in dir() if not n.startswith("_")]

@@ -54,7 +54,7 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
     def __init__(self, encoder: nnx.Module, tasks: Sequence[Task], *, output_hw: Sequence[int] | None = None,
                  widths: Sequence[float] = WIDTHS, decoder_channels: int = 32, decoder_hidden: Sequence[int] = (64,),
                  groups: int = 8, sandwich=None, rngs: nnx.Rngs):
-        from mtl.nn.slimmable.training import SandwichRng, SandwichSpec
+        from mtl.nn.slimmable.training import SandwichSpec
 
         self.task_specs = tuple(TaskSet(tasks))
         self.widths = check_widths(widths)
@@ -76,10 +76,8 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
                 hidden = (tuple(t.head.hidden) or tuple(decoder_hidden))[0]
                 heads[t.name] = VectorDenseDecoder(d, t.head.out, output_hw, hidden, rngs=rngs)
         self.heads = nnx.Dict(heads)
-        # sandwich-rule training (mtl.nn.slimmable.training): its options (static) and its
-        # own random stream (non-parameter state: checkpointed, so resume draws the same widths)
+        # sandwich-rule training (mtl.nn.slimmable.training): its options (static)
         self.sandwich = SandwichSpec.from_kwargs(sandwich)
-        self.sandwich_rng = SandwichRng(rngs.sandwich())
 
     # ------------------------------------------------------------------ configurations
     def config(self, widths=None) -> WidthConfig:
@@ -116,12 +114,18 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
     def __call__(self, x, widths=None) -> dict:
         return self.forward(x, widths).outputs
 
-    def train_losses(self, batch, tasks):
+    def train_losses(self, batch, tasks, variant: int = 0):
         """The train step's objective (``mtl.train.forward``): the sandwich rule,
         ``(label losses [T], distillation + CIKD)``; see :mod:`mtl.nn.slimmable.training`."""
         from mtl.nn.slimmable.training import train_losses
 
-        return train_losses(self, batch, tasks, self.sandwich, self.sandwich_rng)
+        return train_losses(self, batch, tasks, self.sandwich, variant)
+
+    @property
+    def train_variants(self) -> int:
+        """Distinct step programs of the sandwich rule (one per group of random configurations):
+        the train step draws one per step (:mod:`mtl.train.forward`)."""
+        return self.sandwich.variants(self.widths, self.task_names)
 
     def at(self, widths) -> "SlimView":
         """This model fixed at one configuration (checked now): ``model.at(cfg)(x)``."""

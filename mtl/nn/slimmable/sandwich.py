@@ -6,11 +6,14 @@ random ones. Widths are static, so the random ones are drawn either
 * on the host, :meth:`SandwichSampler.configs` ``(step)`` - deterministic in
   ``(seed, step)`` (exact resume), each part's width uniform over the width set; a step
   jitted with these as static arguments compiles once per distinct tuple; or
-* inside the jitted step, :meth:`SandwichSampler.indices` ``(key)`` - indices into a fixed
-  :attr:`SandwichSampler.pool` of configurations, dispatched with :func:`switch_config`
-  (``lax.switch``: the program holds one branch per pool entry, compiled once, and runs
-  only the chosen one). The pool is the whole grid when it has at most ``pool_size``
-  entries, else ``pool_size`` distinct configurations drawn once from ``seed``.
+* as one of a few fixed *groups* (:attr:`SandwichSampler.groups`, ``group=g``): the
+  :attr:`SandwichSampler.pool` of configurations (the whole grid when it has at most
+  ``pool_size`` entries, else ``pool_size`` distinct ones drawn once from ``seed``),
+  shuffled once and cut into ``ceil(len(pool) / (n - 2))`` groups of ``n - 2``. The train
+  step draws the group (``train_variants``, :mod:`mtl.train.forward`): every pool entry is
+  trained as often as with independent draws from the pool, and each group is a static
+  program, so no gradient crosses a ``lax.switch`` (which cost a recomputed forward, or
+  residuals padded to the union of all branches, per random configuration).
 
 :func:`sandwich_losses` composes one step's objective from the parts in this package.
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -68,15 +70,17 @@ class SandwichSampler:
         pick = np.random.default_rng([int(self.seed), 2**31 - 1]).choice(len(grid), self.pool_size, replace=False)
         return tuple(grid[i] for i in sorted(pick))
 
-    def indices(self, key) -> jax.Array:
-        """``n - 2`` uniform indices into :attr:`pool` (jittable)."""
-        return jax.random.randint(key, (int(self.n) - 2,), 0, len(self.pool))
-
-
-def switch_config(index, pool: Sequence[WidthConfig], fn, *operands):
-    """``fn(pool[index], *operands)`` with a traced ``index`` (``lax.switch`` over the pool).
-    Every branch must return arrays of the same shapes (losses, not features)."""
-    return jax.lax.switch(index, [jax.checkpoint(functools.partial(fn, cfg)) for cfg in pool], *operands)
+    @functools.cached_property
+    def groups(self) -> tuple:
+        """The pool shuffled once (from ``seed``) and cut into groups of ``n - 2``
+        configurations (the last group wraps around to the start): ``((),)`` when ``n == 2``."""
+        k = int(self.n) - 2
+        if k == 0:
+            return ((),)
+        pool = self.pool
+        order = np.random.default_rng([int(self.seed), 2**31 - 2]).permutation(len(pool))
+        count = -(-len(pool) // k)
+        return tuple(tuple(pool[order[(g * k + j) % len(pool)]] for j in range(k)) for g in range(count))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,29 +103,27 @@ def _sub_losses(model, tasks, batch, teacher, sub_labels, cfg):
     return labelled, kd, cikd_loss(out.features, teacher.features)
 
 
-def sandwich_losses(model, batch, tasks, sampler: SandwichSampler, *, step=None, key=None,
+def sandwich_losses(model, batch, tasks, sampler: SandwichSampler, *, step=None, group=None,
                     sub_labels: bool = True) -> SandwichLosses:
     """One step's sandwich objective: the widest configuration on the labels; the narrowest
     and ``n - 2`` random ones distil from it (in-place + CIKD) and, if ``sub_labels``, also
     train on the labels. Random configurations come from ``sampler.configs(step)`` (host,
-    static) when ``step`` is given, else from ``sampler.indices(key)`` over the pool."""
+    per step) or are ``sampler.groups[group]``; both static."""
     from mtl.tasks import losses_from_outputs
 
-    if (step is None) == (key is None):
-        raise ValueError("sandwich_losses needs exactly one of step= (host sampling) or key= (in-jit sampling)")
+    if (step is None) == (group is None):
+        raise ValueError("sandwich_losses needs exactly one of step= (host sampling) or group= (a fixed group)")
+    if group is not None and not 0 <= int(group) < len(sampler.groups):
+        raise ValueError(f"group must be in 0..{len(sampler.groups) - 1}; got {group}")
     teacher = model.forward(batch["inputs"], sampler.widest)
     labelled = losses_from_outputs(tasks, teacher.outputs, batch)
     distill, cikd = jnp.zeros(()), jnp.zeros(())
-    # the teacher is never trained by the sub-configurations' terms: cut its gradient before
-    # it enters them (also keeps zero cotangents of the teacher out of the lax.switch branches)
+    # the teacher is never trained by the sub-configurations' terms: cut its gradient once
     frozen = dataclasses.replace(teacher, outputs=jax.lax.stop_gradient(teacher.outputs),
                                  features=jax.lax.stop_gradient(teacher.features))
     part = functools.partial(_sub_losses, model, tasks, batch, frozen, sub_labels)
-    if step is not None:
-        subs = [part(cfg) for cfg in sampler.configs(step)[1:]]
-    else:
-        subs = [part(sampler.narrowest)]
-        subs += [switch_config(i, sampler.pool, lambda cfg: part(cfg)) for i in sampler.indices(key)]
+    configs = sampler.configs(step)[1:] if step is not None else (sampler.narrowest,) + sampler.groups[int(group)]
+    subs = [part(cfg) for cfg in configs]
     for lab, kd, ck in subs:
         labelled, distill, cikd = labelled + lab, distill + kd, cikd + ck
     return SandwichLosses(labelled, distill, cikd)

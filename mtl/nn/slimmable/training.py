@@ -11,11 +11,13 @@ one jitted, sharded train step trains it with the sandwich rule and no branch of
   ``n - 1`` sub-configurations (narrowest + ``n - 2`` random ones), teacher = the widest
   configuration of the same step, never trained by either term (stop-gradient).
 
-The ``n - 2`` random configurations are drawn inside the jitted step
-(:meth:`SandwichSampler.indices`, a ``lax.switch`` over a fixed pool of configurations)
-from the model's own ``nnx.Rngs`` stream ``sandwich``: its key and counter are
-non-parameter state (``TrainState.rest``), threaded through the step and checkpointed, so
-a resumed run draws the same configurations as an uninterrupted one.
+The ``n - 2`` random configurations are one of the sampler's fixed groups
+(:attr:`SandwichSampler.groups`: the pool of configurations shuffled once and cut into
+groups of ``n - 2``). The model declares ``train_variants`` = the number of groups; the
+train step draws one per step from its own step key (a function of the run's seed and the
+step number, so a resumed run draws the same groups as an uninterrupted one) and runs the
+whole gradient route of that group (:mod:`mtl.train.forward`): each group is a static
+program and no gradient crosses the ``lax.switch`` that picks it.
 
 Configured by ``model.arch_kwargs.sandwich`` (a dict of :class:`SandwichSpec` fields)::
 
@@ -30,9 +32,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from mtl.nn.slimmable.sandwich import SandwichSampler, sandwich_losses
 from mtl.nn.slimmable.widths import WidthConfig
@@ -45,6 +45,7 @@ class SandwichSpec:
     cikd_weight: float = 1.0   # configuration-invariant KD weight
     sub_labels: bool = True    # sub-configurations also train on the labels
     pool_size: int = 16        # random configurations come from a pool of at most this many
+                               # (cut into ceil(pool / (n - 2)) groups: one compiled program each)
     only: Any = None           # a width (everywhere), a WidthConfig or its JSON dict: train it alone
 
     def __post_init__(self):
@@ -78,46 +79,21 @@ class SandwichSpec:
     def sampler(self, widths, tasks) -> SandwichSampler:
         return SandwichSampler(tuple(widths), tuple(tasks), n=max(self.n, 2), seed=0, pool_size=self.pool_size)
 
-
-class SandwichKey(nnx.Variable):
-    """Raw PRNG key data (uint32), non-parameter state."""
-
-
-class SandwichCount(nnx.Variable):
-    """How many keys were drawn, non-parameter state."""
+    def variants(self, widths, tasks) -> int:
+        """How many distinct step programs the rule needs: one per group of random configurations."""
+        if self.only is not None or self.n <= 2:
+            return 1
+        return len(self.sampler(widths, tasks).groups)
 
 
-class SandwichRng(nnx.Module):
-    """The sandwich sampler's random stream, with the semantics of an ``nnx`` RngStream
-    (key ``i`` = ``fold_in(key, i)``) but stored as raw ``uint32`` key data: the run's
-    checkpoint signature (``mtl/checkpoint.py``) cannot describe typed PRNG-key arrays,
-    which an ``nnx.Rngs`` holds. Both variables are in ``TrainState.rest`` (checkpointed)."""
-
-    def __init__(self, key):
-        self.key = SandwichKey(jax.random.key_data(key))
-        self.count = SandwichCount(jnp.zeros((), jnp.uint32))
-
-    def __call__(self):
-        """The next key; the counter advances by *replacing* its variable: the train step
-        merges the model inside ``jax.value_and_grad`` from state of the outer ``jit`` trace,
-        where nnx refuses to mutate a variable in place ("from a different trace level")."""
-        key = jax.random.fold_in(jax.random.wrap_key_data(self.key[...]), self.count[...])
-        old = self.count
-        self.count = SandwichCount(old[...] + 1, **old.get_metadata())
-        return key
-
-
-def train_losses(model, batch, tasks, spec: SandwichSpec, key_fn):
-    """``(losses [T], aux_loss)`` of one step (see the module docstring); ``key_fn()`` gives
-    this step's PRNG key (called only when random configurations are drawn)."""
+def train_losses(model, batch, tasks, spec: SandwichSpec, variant: int = 0):
+    """``(losses [T], aux_loss)`` of one step (see the module docstring) with the random
+    configurations of group ``variant``."""
     from mtl.tasks import losses_from_outputs
 
     if spec.only is not None or spec.n == 1:
         cfg = model.config(spec.only if spec.only is not None else None)
         return losses_from_outputs(tasks, model(batch["inputs"], cfg), batch), jnp.zeros((), jnp.float32)
     sampler = spec.sampler(model.widths, model.task_names)
-    key = key_fn() if spec.n > 2 else None
-    if key is None:  # n == 2: no random configuration; any key draws zero indices
-        key = jax.random.key(0)
-    sl = sandwich_losses(model, batch, tasks, sampler, key=key, sub_labels=spec.sub_labels)
+    sl = sandwich_losses(model, batch, tasks, sampler, group=int(variant), sub_labels=spec.sub_labels)
     return sl.labelled, spec.kd_weight * sl.distill + spec.cikd_weight * sl.cikd
