@@ -48,7 +48,7 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
-from mtl.nn.layers import dense
+from mtl.nn.layers import attend, dense, zeros
 from mtl.nn.multitask import TaskHeads
 
 REPARAMS = ("mlp", "none")
@@ -87,11 +87,14 @@ class StreamPrefixes(nnx.Module):
     ``[P, n, heads, head_dim]`` (see the module docstring for the reparameterisation)."""
 
     def __init__(self, P: int, layers: int, heads: int, head_dim: int, length: int = 48, *,
-                 reparam: str = "mlp", prefix_dim: int = 16, hidden: int = 32, rngs: nnx.Rngs):
+                 reparam: str = "mlp", prefix_dim: int = 16, hidden: int = 32, gated: bool = False,
+                 rngs: nnx.Rngs):
         if reparam not in REPARAMS:
             raise ValueError(f"ParScale: reparam must be one of {REPARAMS}; got {reparam!r}")
         self.P, self.layers, self.heads, self.head_dim, self.length = P, layers, heads, head_dim, length
-        self.reparam = reparam
+        self.reparam, self.gated = reparam, bool(gated)
+        if self.gated:  # per layer and head, shared by the streams; 0 = the prefixes are not seen
+            self.gate = nnx.Param(nnx.with_partitioning(zeros, (None, None))(rngs.params(), (layers, heads)))
         small = nnx.initializers.normal(0.02)
         if reparam == "mlp":
             init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, None, None))
@@ -105,14 +108,21 @@ class StreamPrefixes(nnx.Module):
             self.k = nnx.Param(init(rngs.params(), shape))
             self.v = nnx.Param(init(rngs.params(), shape))
 
+    def gates(self) -> list | None:
+        """Per layer the ``[heads]`` gate of the prefix attention (``None`` when not gated)."""
+        return [self.gate[...][i] for i in range(self.layers)] if self.gated else None
+
     def __call__(self) -> list:
         if self.reparam == "none":
-            return [(self.k[...][i], self.v[...][i]) for i in range(self.layers)]
-        out = []
-        for up, down in zip(self.up, self.down):
-            kv = down(jnp.tanh(up(self.p_prime[...])))  # [P, n, 2·heads·head_dim]
-            kv = kv.reshape(self.P, self.length, 2, self.heads, self.head_dim)
-            out.append((kv[:, :, 0], kv[:, :, 1]))
+            out = [(self.k[...][i], self.v[...][i]) for i in range(self.layers)]
+        else:
+            out = []
+            for up, down in zip(self.up, self.down):
+                kv = down(jnp.tanh(up(self.p_prime[...])))  # [P, n, 2·heads·head_dim]
+                kv = kv.reshape(self.P, self.length, 2, self.heads, self.head_dim)
+                out.append((kv[:, :, 0], kv[:, :, 1]))
+        if self.gated:
+            out = [kv + (g,) for kv, g in zip(out, self.gates())]
         return out
 
 
@@ -143,12 +153,16 @@ class ParScale(TaskHeads, nnx.Module):
     ``model`` has ``encoder`` (a decoder accepting ``kv_prefixes``), ``heads`` and
     ``task_specs`` (a :class:`~mtl.nn.MultiTaskModel`). Options: ``prefix_len`` slots per
     layer and stream, ``reparam`` ("mlp" or "none"), ``prefix_dim``/``prefix_hidden`` of
-    the reparameterisation MLP, ``smoothing`` ε of the aggregation weights.
+    the reparameterisation MLP, ``smoothing`` ε of the aggregation weights, ``prefix_gate``
+    (zero-init gated prefix attention, see the module docstring).
     """
 
     def __init__(self, model, P: int, *, prefix_len: int = 48, reparam: str = "mlp", prefix_dim: int = 16,
-                 prefix_hidden: int = 32, smoothing: float = 0.01, rngs: nnx.Rngs | None = None):
+                 prefix_hidden: int = 32, smoothing: float = 0.01, prefix_gate: bool = False,
+                 rngs: nnx.Rngs | None = None):
         self.P = _check_P(P)
+        if not isinstance(prefix_gate, (bool, np.bool_)):
+            raise ValueError(f"ParScale: prefix_gate must be True or False; got {prefix_gate!r}")
         for attr in ("encoder", "heads", "task_specs"):
             if not hasattr(model, attr):
                 raise TypeError(f"ParScale wraps a causal LM with encoder, heads and task_specs "
@@ -158,6 +172,7 @@ class ParScale(TaskHeads, nnx.Module):
         self.encoder = model.encoder
         self.heads = model.heads
         self.prefix_len = 0
+        self.prefix_gated = False
         if self.P > 1:
             if rngs is None:
                 raise ValueError("ParScale with P > 1 creates prefixes and an aggregator: pass rngs=nnx.Rngs(seed)")
@@ -168,7 +183,9 @@ class ParScale(TaskHeads, nnx.Module):
                                  f"got {prefix_len}")
             self.prefix_len = int(prefix_len)
             self.prefix = StreamPrefixes(self.P, layers, heads, head_dim, self.prefix_len, reparam=reparam,
-                                         prefix_dim=int(prefix_dim), hidden=int(prefix_hidden), rngs=rngs)
+                                         prefix_dim=int(prefix_dim), hidden=int(prefix_hidden),
+                                         gated=bool(prefix_gate), rngs=rngs)
+            self.prefix_gated = bool(prefix_gate)
             self.aggregator = Aggregator(self.P, int(self.encoder.out_features), smoothing, rngs=rngs)
 
     # ------------------------------------------------------------------ streams
@@ -177,8 +194,10 @@ class ParScale(TaskHeads, nnx.Module):
         return jnp.repeat(x, self.P, axis=0)
 
     def prefixes(self, batch: int) -> list:
-        """The per-layer ``(k, v)`` prefixes tiled to ``[batch·P, n, heads, head_dim]``."""
-        return [(jnp.tile(k, (batch, 1, 1, 1)), jnp.tile(v, (batch, 1, 1, 1))) for k, v in self.prefix()]
+        """The per-layer ``(k, v)`` prefixes tiled to ``[batch·P, n, heads, head_dim]`` (and,
+        with ``prefix_gate``, that layer's ``[heads]`` gate: ``(k, v, gate)``)."""
+        return [(jnp.tile(kv[0], (batch, 1, 1, 1)), jnp.tile(kv[1], (batch, 1, 1, 1))) + tuple(kv[2:])
+                for kv in self.prefix()]
 
     def stream_features(self, x):
         """Final-norm hidden states of every stream, ``[B, P, L, H]`` (P > 1)."""
@@ -287,15 +306,14 @@ def forward_cached(model, tokens, cache, start, task: str):
     n_pre, total = model.prefix_len, cache[0][0].shape[1]
     slot = jnp.arange(total)[None, :]
     allowed = (slot < n_pre) | (slot - n_pre <= start + jnp.arange(c)[:, None])  # [c, total]
+    gates = model.prefix.gates() if model.prefix_gated else [None] * len(cache)
     new = []
-    for blk, (kc, vc) in zip(enc.blocks, cache):
+    for blk, (kc, vc), gate in zip(enc.blocks, cache, gates):
         attn = blk.attn
         q, k, v = jnp.split(attn.qkv(blk.norm1(h)), 3, axis=2)
         kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), n_pre + start, axis=1)
         vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), n_pre + start, axis=1)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, kc) / jnp.sqrt(attn.head_dim).astype(q.dtype)
-        logits = jnp.where(allowed[None, None], logits, jnp.finfo(logits.dtype).min)
-        h = h + attn.out(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), vc))
+        h = h + attn.out(attend(q, kc, vc, allowed, n_pre, gate))
         h = h + blk.mlp(blk.norm2(h))
         new.append((kc, vc))
     h = enc.norm(h)
