@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import os
 import time
 
 import jax
@@ -145,6 +146,80 @@ class Aggregator(nnx.Module):
 
     def __call__(self, hs):
         return jnp.einsum("blp,bplh->blh", self.weights(hs), hs)
+
+
+#: the wrapped model's parameters, under the names they have in the P = 1 model; ParScale
+#: adds ``prefix`` (keys/values, and the gates) and ``aggregator``
+BACKBONE = ("encoder", "heads")
+#: ``model.parscale`` keys read by the trainer (two-stage training), not by ParScale itself
+TRAINER_OPTIONS = ("init_from", "freeze_backbone")
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStage:
+    """Two-stage training (``model.parscale.init_from`` / ``freeze_backbone``): the backbone
+    (:data:`BACKBONE`) is loaded from a trained P = 1 run, the prefixes and the aggregator
+    start fresh; ``freeze_backbone`` trains only those. Checked here, before anything is
+    written: ``freeze_backbone`` needs ``init_from`` and P > 1."""
+
+    init_from: str = ""
+    freeze_backbone: bool = False
+
+    @classmethod
+    def from_options(cls, opts, P: int) -> "TwoStage":
+        init_from = opts.get("init_from") or ""
+        if not isinstance(init_from, str):
+            raise ValueError(f"model.parscale.init_from must be a path (a P = 1 workdir or `mtl export` artifact); "
+                             f"got {init_from!r}")
+        freeze = opts.get("freeze_backbone", False)
+        if not isinstance(freeze, (bool, np.bool_)):
+            raise ValueError(f"model.parscale.freeze_backbone must be True or False; got {freeze!r}")
+        if freeze and not init_from:
+            raise ValueError("model.parscale.freeze_backbone=True needs model.parscale.init_from (a trained P = 1 "
+                             "run): a frozen random backbone would train only prefixes and aggregator on noise")
+        if freeze and P == 1:
+            raise ValueError("model.parscale.freeze_backbone=True with P = 1 leaves nothing to train (P = 1 has no "
+                             "prefixes and no aggregator): set model.parscale.P > 1")
+        return cls(init_from, bool(freeze))
+
+    @classmethod
+    def from_model_config(cls, model_cfg) -> "TwoStage":
+        if model_cfg.get("arch", "shared") != "lm":
+            return cls()
+        opts = dict(model_cfg.get("parscale", {}) or {})
+        return cls.from_options(opts, _check_P(opts.get("P", 1)))
+
+    def is_frozen(self, path: str) -> bool:
+        """Is the parameter at ``path`` (``"encoder/blocks/0/..."``) kept fixed?"""
+        return self.freeze_backbone and path.split("/", 1)[0] in BACKBONE
+
+    def load_backbone(self, abstract_params) -> dict:
+        """The backbone parameters (nested dict ``{encoder, heads}``) of the run or artifact
+        ``init_from`` (a workdir gives its *best* parameters, as ``mtl export`` does), checked
+        against ``abstract_params`` (the new model's): a missing path, a P > 1 or non-LM base,
+        or another architecture (the error names the parameter and both shapes) is refused."""
+        from mtl import artifact
+        from mtl.checkpoint import CheckpointMismatchError
+
+        path = self.init_from
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model.parscale.init_from={path!r}: no such file or directory; give the workdir "
+                                    "of a trained P = 1 run (mtl train) or its artifact (mtl export)")
+        model_cfg = artifact.run_config(path).get("model", {})
+        arch = model_cfg.get("arch", "shared")
+        base_P = (model_cfg.get("parscale") or {}).get("P", 1)
+        if arch != "lm":
+            raise ValueError(f"model.parscale.init_from={path!r} is a model.arch={arch!r} run; two-stage training "
+                             "starts from a causal LM (model.arch='lm') with P = 1")
+        if base_P != 1:
+            raise ValueError(f"model.parscale.init_from={path!r} is a P = {base_P} run; two-stage training starts "
+                             "from a P = 1 model (to continue a ParScale run, resume its own workdir)")
+        expected = {k: v for k, v in nnx.to_pure_dict(abstract_params).items() if k in BACKBONE}
+        try:
+            return artifact.load_params_from(path, expected)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"model.parscale.init_from: {e} (the base needs this run's "
+                                          "model.encoder_kwargs and tasks)") from None
 
 
 class ParScale(TaskHeads, nnx.Module):
