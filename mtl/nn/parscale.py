@@ -35,6 +35,31 @@ hidden activations; gradients reach the prefixes through a well-conditioned MLP 
 than straight into 48·P free vectors per layer. ``reparam="none"`` trains the prefixes
 directly (N(0, 0.02²) init). After training the MLP can be folded away: ``prefixes()``
 returns the plain ``(k, v)`` arrays, which is all that generation uses.
+
+Two-stage training (:class:`TwoStage`; ``model.parscale.init_from``, ``freeze_backbone``):
+the backbone (``encoder`` + ``heads``, :data:`BACKBONE`; the same tree as the P = 1
+model's) is loaded from a trained P = 1 run, the prefixes and the aggregator start fresh.
+A workdir gives its *best* (validation-selected) parameters, as ``mtl export`` and
+``mtl generate`` do by default (the latest checkpoint when no best was saved yet); an
+artifact gives its parameters. ``freeze_backbone=True`` trains only the prefixes, gates and
+aggregator (``mtl.train.optimizer.freeze``: the backbone stays bit-identical). Refused
+before anything is written: a missing path, a base that is not an LM or has P > 1 (its
+backbone is not the unit two-stage training starts from; resume that run's own workdir
+instead), another architecture (the first differing parameter and both shapes), and
+``freeze_backbone`` without ``init_from`` or with P = 1 (nothing meaningful would train).
+
+Zero-init prefix gate (``prefix_gate``; on by default exactly when ``init_from`` is set, so
+from-scratch training is unchanged). With plainly concatenated prefixes a two-stage run
+cannot start from the base model's loss: the prefix slots take part of every softmax and
+dilute the attention even with zero values. Gated (LLaMA-Adapter style), each attention
+layer attends to the tokens and to the prefix with a softmax each and adds
+``tanh(g_h) · attn_prefix`` per head h (``layers.attend``), with ``g`` of shape
+(layers, heads), shared by the streams, initialised to 0. At step 0 every stream is
+therefore exactly the base model and so is the aggregate, whatever the aggregation weights
+(tested to 1e-6 relative on the validation loss). The gates get gradient from the first
+step; the prefixes from the second (their gradient carries the factor tanh(g)), the
+aggregator once the streams differ. The KV cache (``generate``) holds the prefixes as
+before; the cached decode applies the same two softmaxes.
 """
 from __future__ import annotations
 
