@@ -11,6 +11,19 @@ parameters, a few minutes on 2 CPU cores), ``small`` (dim 96, 3 layers), ``mediu
 relative path; mtl/data/bytecorpus.py); ``data.kwargs.max_*_bytes`` cap the bytes read per
 split (0 = the whole split). For a full-scale tfds text corpus prepared in array_record
 format: ``--config.data.name=tfds_text --config.data.kwargs="{'name': 'NAME', 'seq_len': 128}"``.
+
+Two-stage training (mtl/nn/parscale.py, ``TwoStage``): train P = 1 first, then a P > 1 model
+whose backbone is loaded from it (the run's best parameters, or an ``mtl export`` artifact);
+only the new prefixes and aggregator start fresh, and zero-init prefix gates
+(``model.parscale.prefix_gate``, on by default with ``init_from``) make step 0 exactly the
+base model's loss. ``freeze_backbone=True`` trains only prefixes, gates and aggregator::
+
+    PYTHONPATH=$PWD mtl train --config configs/parscale.py --workdir /tmp/ps1
+    PYTHONPATH=$PWD mtl train --config configs/parscale.py --workdir /tmp/ps4 --config.model.parscale.P=4 \
+        --config.model.parscale.init_from=/tmp/ps1 --config.model.parscale.freeze_backbone=True
+
+The base must have the same ``model.encoder_kwargs`` and data/tasks and P = 1; it is read
+at every start of the command (a resumed run restores its own checkpoint instead).
 """
 from mtl.config import base_config
 

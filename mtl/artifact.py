@@ -82,6 +82,34 @@ def restore_run(workdir: str, which: str = "best"):
     return steps, params, int(step), cfg, bundle
 
 
+def run_config(path: str) -> dict:
+    """The config (as JSON) of a workdir (its ``config.json``) or an artifact (its metadata)."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return ckpt.read_artifact_metadata(path).get("config", {})
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path} is neither an mtl workdir (no config.json) nor an artifact "
+                                "(no metadata.json)")
+    with open(cfg_path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is corrupt: {e}") from None
+
+
+def load_params_from(path: str, expected: dict, which: str = "best") -> dict:
+    """Parameters (nested dict of host arrays) of a workdir (``which``, see :func:`restore_run`)
+    or an artifact, checked against ``expected`` (a nested dict of arrays or ShapeDtypeStructs):
+    ``CheckpointMismatchError`` names the first mismatching path and both shapes."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        params, _ = ckpt.load_artifact_params(path, expected)
+        return jax.device_get(params)
+    steps, params, step, _, _ = restore_run(path, which)
+    found = jax.device_get(nnx.to_pure_dict(params))
+    ckpt.compare_trees(ckpt.flat_shapes(expected), ckpt.flat_shapes(found), what=f"run {path} (step {step})")
+    return found
+
+
 def export_run(workdir: str, out: str, which: str = "best", overwrite: bool = False) -> str:
     """Write the artifact of a training run (``which``: best | last | a step number)."""
     steps, params, step, cfg, bundle = restore_run(workdir, which)

@@ -133,7 +133,7 @@ def test_byte_transformer_is_causal():
         assert np.abs(out[:, j:] - base[:, j:]).max(axis=-1).min() > 1e-4, f"positions >= {j} should change"
 
 
-def _np_attention(attn, x, causal, prefix=None):
+def _np_attention(attn, x, causal, prefix=None, gate=None):
     H, Dh = attn.num_heads, attn.head_dim
     x = x.astype(np.float64)
     W = np.asarray(attn.qkv.kernel[...], np.float64)     # [D, 3H, Dh]
@@ -152,11 +152,15 @@ def _np_attention(attn, x, causal, prefix=None):
         for h in range(H):
             for i in range(N):
                 # prefix entries are visible to every query; tokens j <= i (or all when not causal)
-                visible = list(range(n_pre)) + [n_pre + j for j in range(N) if (j <= i or not causal)]
-                s = np.array([q[b, i, h] @ k[b, kk, h] for kk in visible]) / np.sqrt(Dh)
-                p = np.exp(s - s.max())
-                p /= p.sum()
-                out[b, i, h] = sum(pi * v[b, kk, h] for pi, kk in zip(p, visible))
+                toks = [n_pre + j for j in range(N) if (j <= i or not causal)]
+                # plain: one softmax over prefix + tokens; gated: one each, the prefix's x tanh(gate)
+                groups = [(list(range(n_pre)) + toks, 1.0)] if gate is None else \
+                    [(toks, 1.0), (list(range(n_pre)), np.tanh(float(gate[h])))]
+                for visible, scale in groups:
+                    s = np.array([q[b, i, h] @ k[b, kk, h] for kk in visible]) / np.sqrt(Dh)
+                    p = np.exp(s - s.max())
+                    p /= p.sum()
+                    out[b, i, h] += scale * sum(pi * v[b, kk, h] for pi, kk in zip(p, visible))
     Wo = np.asarray(attn.out.kernel[...], np.float64)    # [H, Dh, D]
     return np.einsum("bnhk,hkd->bnd", out, Wo) + np.asarray(attn.out.bias[...], np.float64)
 
@@ -173,6 +177,22 @@ def test_attention_with_kv_prefix_matches_numpy(causal, prefix_batch):
     got = attn(jnp.asarray(x), causal=causal,
                kv_prefix=None if prefix is None else tuple(jnp.asarray(p) for p in prefix))
     np.testing.assert_allclose(np.asarray(got), _np_attention(attn, x, causal, prefix), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gated_prefix_attention_matches_numpy_and_zero_gate_is_no_prefix(causal):
+    attn = _random_model(lambda: Attention(8, 2, rngs=nnx.Rngs(0)), 7, scale=0.5)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    prefix = tuple(rng.normal(size=(1, 3, 2, 4)).astype(np.float32) for _ in range(2))
+    gate = np.array([0.7, -1.3], np.float32)
+    got = attn(jnp.asarray(x), causal=causal, kv_prefix=tuple(jnp.asarray(p) for p in prefix) + (jnp.asarray(gate),))
+    np.testing.assert_allclose(np.asarray(got), _np_attention(attn, x, causal, prefix, gate), rtol=1e-4, atol=1e-5)
+    zero = attn(jnp.asarray(x), causal=causal, kv_prefix=tuple(jnp.asarray(p) for p in prefix) + (jnp.zeros(2),))
+    np.testing.assert_allclose(np.asarray(zero), _np_attention(attn, x, causal), rtol=1e-4, atol=1e-5)
+    # (to float rounding: the token part is computed as a slice of the longer logits)
+    np.testing.assert_allclose(np.asarray(zero), np.asarray(attn(jnp.asarray(x), causal=causal)), rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_causal_attention_first_query_sees_prefix_and_itself_only():

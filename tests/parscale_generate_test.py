@@ -18,16 +18,21 @@ from mtl.tasks import Task
 TASKS = [Task("lm", heads.LanguageModel(256))]
 
 
-def model(P, seq_len=32, vocab=256, prefix_len=5):
+def model(P, seq_len=32, vocab=256, prefix_len=5, gated=False):
     with nnx.use_eager_sharding(False):
         enc = ByteTransformer((seq_len,), vocab_size=vocab, dim=32, depth=2, num_heads=2, rngs=nnx.Rngs(0))
         m = MultiTaskModel(enc, [Task("lm", heads.LanguageModel(vocab))], rngs=nnx.Rngs(1))
-        return ParScale(m, P, prefix_len=prefix_len, rngs=nnx.Rngs(2))
+        ps = ParScale(m, P, prefix_len=prefix_len, prefix_gate=gated, rngs=nnx.Rngs(2))
+    if gated:  # open gates (they start at 0, where the prefixes are not seen at all), prefixes away from 0
+        ps.prefix.gate[...] = jnp.asarray([[0.9, -0.6], [0.4, 1.5]])
+        for d in ps.prefix.down:
+            d.kernel[...] *= 30.0
+    return ps
 
 
-@pytest.mark.parametrize("P", [1, 3])
-def test_cached_greedy_decoding_equals_uncached_forward(P):
-    m = model(P)
+@pytest.mark.parametrize("P,gated", [(1, False), (3, False), (3, True)])
+def test_cached_greedy_decoding_equals_uncached_forward(P, gated):
+    m = model(P, gated=gated)
     g = generate(m, "def ", 12, batch=2)
     seq = [ord(c) for c in "def "]
     # independent reference: the full (uncached) forward of the encoder's own attention, on the
@@ -46,12 +51,13 @@ def test_cached_greedy_decoding_equals_uncached_forward(P):
     assert g.decode_s_per_token > 0 and g.prefill_s > 0
 
 
-def test_cached_logits_match_and_prefixes_sit_in_the_cache():
-    m, x = model(2), jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)), jnp.int32)
+@pytest.mark.parametrize("gated", [False, True])
+def test_cached_logits_match_and_prefixes_sit_in_the_cache(gated):
+    m, x = model(2, gated=gated), jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 10)), jnp.int32)
     cache = init_cache(m, 2, 32)
-    for (k, v), (pk, pv) in zip(cache, m.prefixes(2)):
-        np.testing.assert_array_equal(k[:, :m.prefix_len], pk)
-        np.testing.assert_array_equal(v[:, :m.prefix_len], pv)
+    for (k, v), pre in zip(cache, m.prefixes(2)):
+        np.testing.assert_array_equal(k[:, :m.prefix_len], pre[0])
+        np.testing.assert_array_equal(v[:, :m.prefix_len], pre[1])
     logits, cache = forward_cached(m, x[:, :6], cache, 0, "lm")   # prefill 6, then 4 single steps
     steps = [logits]
     for t in range(6, 10):

@@ -161,3 +161,74 @@ def test_bad_models_and_options():
             ParScale(plain(), 2, reparam="lora", rngs=nnx.Rngs(0))
         with pytest.raises(ValueError, match="rngs"):
             ParScale(plain(), 2)
+
+
+def _lm_loss(m, x):
+    return losses_from_outputs(TASKS, m(x[:, :-1]), {"labels": {"lm": x[:, 1:]}})[0]
+
+
+@nnx.jit
+def _loss_logits(m, x):
+    return _lm_loss(m, x), m(x)["lm"]
+
+
+def test_zero_gated_prefixes_give_exactly_the_base_model():
+    # the two-stage start: every stream equals the P = 1 model, so the aggregate does too,
+    # however far from uniform the aggregation weights are; plain (ungated) prefixes do not
+    x, ref = tokens(b=4, n=L), plain()
+    gated, ungated = wrapped(4, prefix_gate=True), wrapped(4)
+    for ps in (gated, ungated):
+        ps.aggregator.outer.kernel[...] = 6.0 * jax.random.normal(jax.random.key(4), ps.aggregator.outer.kernel.shape)
+        for d in ps.prefix.down:
+            d.kernel[...] *= 50.0  # prefixes well away from zero
+    np.testing.assert_array_equal(gated.prefix.gate[...], np.zeros((2, 2)))  # (layers, heads), zero at init
+    base, base_logits = _loss_logits(ref, x)
+    loss, logits = _loss_logits(gated, x)
+    np.testing.assert_allclose(float(loss), float(base), rtol=1e-6)
+    np.testing.assert_allclose(logits, base_logits, rtol=1e-5, atol=1e-5)
+    assert abs(float(_loss_logits(ungated, x)[0]) - base) > 1e-3 * base  # concatenated prefixes dilute attention
+    gated.prefix.gate[...] = jnp.full((2, 2), 0.5)
+    assert abs(float(_loss_logits(gated, x)[0]) - base) > 1e-4 * base  # an open gate lets the prefixes in
+    w = np.asarray(nnx.jit(lambda m, x: m.aggregation_weights(x))(gated, x))
+    assert w.max() > 0.6  # the equality above held with far from uniform stream weights
+
+
+def test_the_gate_gets_gradient_at_zero():
+    x, ps = tokens(b=2, n=L), wrapped(3, prefix_gate=True)
+    g = nnx.jit(nnx.grad(_lm_loss))(ps, x)
+    assert float(np.abs(g["prefix"]["gate"][...]).min()) > 0  # every layer and head
+    # ... but nothing else of the prefix yet (tanh(0) = 0), and the aggregator sees equal streams
+    assert max(float(np.abs(v[...]).max()) for p, v in nnx.to_flat_state(g["prefix"]) if p[0] != "gate") == 0
+    assert max(float(np.abs(v[...]).max()) for _, v in nnx.to_flat_state(g["aggregator"])) < 1e-6
+
+
+def test_lm_factory_prefix_gate_defaults_to_two_stage_and_checks_options():
+    import ml_collections
+
+    from mtl.nn.build import model_factory
+
+    def build(**opts):
+        cfg = ml_collections.ConfigDict({"arch": "lm", "encoder": "byte_transformer",
+                                         "encoder_kwargs": {"dim": 16, "depth": 1, "num_heads": 2},
+                                         "parscale": {"P": 2, "prefix_len": 2, **opts}})
+        factory = model_factory(cfg, TASKS, (8,))
+        with nnx.use_eager_sharding(False):
+            return nnx.eval_shape(lambda: factory(nnx.Rngs(0)))
+
+    assert not build().prefix_gated and not hasattr(build().prefix, "gate")  # from scratch: unchanged
+    assert build(init_from="/some/base").prefix_gated
+    assert build(init_from="/some/base", freeze_backbone=True).prefix_gated
+    assert not build(init_from="/some/base", prefix_gate=False).prefix_gated
+    assert build(prefix_gate=True).prefix_gated
+    with pytest.raises(ValueError, match="freeze_backbone=True needs model.parscale.init_from"):
+        build(freeze_backbone=True)
+    with pytest.raises(ValueError, match="P = 1 leaves nothing to train"):
+        build(P=1, init_from="/some/base", freeze_backbone=True)
+    with pytest.raises(ValueError, match="freeze_backbone must be True or False"):
+        build(init_from="/b", freeze_backbone="yes")
+    with pytest.raises(ValueError, match="init_from must be a path"):
+        build(init_from=3)
+    with pytest.raises(ValueError, match="prefix_gate must be True or False"):
+        build(prefix_gate="on")
+    with pytest.raises(TypeError, match="unknown option.*init_from"):
+        build(init_frm="/b")

@@ -98,19 +98,28 @@ def lm_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
     """Causal LM with parallel scaling (``mtl.nn.parscale``): ``model.encoder`` (a decoder
     accepting ``kv_prefixes``, e.g. ``byte_transformer``) + the LM task's head, wrapped in
     ``ParScale`` with the options in ``model.parscale`` (``P``, default 1 = the plain LM;
-    ``prefix_len``, ``reparam``, ``prefix_dim``, ``prefix_hidden``, ``smoothing``)."""
+    ``prefix_len``, ``reparam``, ``prefix_dim``, ``prefix_hidden``, ``smoothing``, ``prefix_gate``)
+    and the trainer's two-stage options (``init_from``, ``freeze_backbone``;
+    :class:`~mtl.nn.parscale.TwoStage`). ``prefix_gate`` unset (or None) means on exactly when
+    ``init_from`` is set."""
     import inspect
 
-    from mtl.nn.parscale import ParScale, _check_P
+    from mtl.nn.parscale import TRAINER_OPTIONS, ParScale, TwoStage, _check_P
 
     enc_kwargs = dict(model_cfg.get("encoder_kwargs", {}) or {})
     name = model_cfg.get("encoder", "byte_transformer")
     opts = dict(model_cfg.get("parscale", {}) or {})
     P = _check_P(opts.pop("P", 1))
     valid = [k for k in inspect.signature(ParScale.__init__).parameters if k not in ("self", "model", "P", "rngs")]
-    bad = sorted(set(opts) - set(valid))
+    bad = sorted(set(opts) - set(valid) - set(TRAINER_OPTIONS))
     if bad:
-        raise TypeError(f"model.parscale has unknown option(s) {bad}; its options are ['P'] + {valid}")
+        raise TypeError(f"model.parscale has unknown option(s) {bad}; its options are ['P'] + {valid} + "
+                        f"{list(TRAINER_OPTIONS)}")
+    two_stage = TwoStage.from_options(opts, P)
+    for k in TRAINER_OPTIONS:
+        opts.pop(k, None)
+    if opts.get("prefix_gate") is None:
+        opts["prefix_gate"] = bool(two_stage.init_from)
 
     def make(rngs: nnx.Rngs):
         model = MultiTaskModel(build_encoder(name, input_shape, rngs=rngs, **enc_kwargs), tasks, rngs=rngs)

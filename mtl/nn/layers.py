@@ -77,12 +77,32 @@ class MLPBlock(nnx.Module):
         return self.down(h)
 
 
+def attend(q, k, v, allowed=None, n_prefix: int = 0, gate=None):
+    """Softmax attention ``[B, Q, H, Dh]`` of ``q`` over ``k``/``v`` (``[B, K, H, Dh]``) whose
+    first ``n_prefix`` slots are a prefix; ``allowed`` (``[Q, K]`` bool) masks slots out.
+
+    ``gate=None``: one softmax over all slots (the prefix is plainly concatenated).
+    ``gate`` (``[H]``): *zero-init gated prefix* (LLaMA-Adapter style): the tokens and the
+    prefix get a softmax each and ``y = attn_tokens + tanh(gate_h) · attn_prefix``, so with
+    ``gate = 0`` the output is exactly that of attention without the prefix."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    if allowed is not None:
+        logits = jnp.where(allowed[None, None], logits, jnp.finfo(logits.dtype).min)
+    if gate is None or not n_prefix:
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+    y_tok = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits[..., n_prefix:], axis=-1), v[:, n_prefix:])
+    y_pre = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits[..., :n_prefix], axis=-1), v[:, :n_prefix])
+    return y_tok + jnp.tanh(gate).astype(y_pre.dtype)[:, None] * y_pre
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention with optional causal mask and key/value prefixes.
 
     ``kv_prefix=(k, v)`` with shapes ``[B or 1, n_prefix, heads, head_dim]`` is prepended
     to the keys/values: every query sees every prefix entry, and prefixes take no
-    token position (ParScale's per-stream prefixes use this).
+    token position (ParScale's per-stream prefixes use this). ``kv_prefix=(k, v, gate)``
+    (``gate [heads]``) attends to the prefix through its own softmax, added with weight
+    ``tanh(gate)`` (:func:`attend`; zero gate = no prefix).
     """
 
     def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
@@ -102,22 +122,20 @@ class Attention(nnx.Module):
         qkv = self.qkv(x)  # [B, N, 3H, Dh]
         q, k, v = jnp.split(qkv, 3, axis=2)
         q = constrain(q, ("batch", "length", "heads", "kv"))
-        n_pre = 0
+        n_pre, gate = 0, None
         if kv_prefix is not None:
-            pk, pv = kv_prefix
+            pk, pv = kv_prefix[:2]
+            gate = kv_prefix[2] if len(kv_prefix) > 2 else None
             n_pre = pk.shape[1]
             pk = jnp.broadcast_to(pk, (b,) + pk.shape[1:]).astype(k.dtype)
             pv = jnp.broadcast_to(pv, (b,) + pv.shape[1:]).astype(v.dtype)
             k = jnp.concatenate([pk, k], axis=1)
             v = jnp.concatenate([pv, v], axis=1)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+        allowed = None
         if causal:
             allowed = jnp.tril(jnp.ones((n, n), bool))
             allowed = jnp.concatenate([jnp.ones((n, n_pre), bool), allowed], axis=1)
-            logits = jnp.where(allowed[None, None], logits, jnp.finfo(logits.dtype).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-        return self.out(y)
+        return self.out(attend(q, k, v, allowed, n_pre, gate))
 
 
 class TransformerBlock(nnx.Module):

@@ -35,12 +35,38 @@ hidden activations; gradients reach the prefixes through a well-conditioned MLP 
 than straight into 48·P free vectors per layer. ``reparam="none"`` trains the prefixes
 directly (N(0, 0.02²) init). After training the MLP can be folded away: ``prefixes()``
 returns the plain ``(k, v)`` arrays, which is all that generation uses.
+
+Two-stage training (:class:`TwoStage`; ``model.parscale.init_from``, ``freeze_backbone``):
+the backbone (``encoder`` + ``heads``, :data:`BACKBONE`; the same tree as the P = 1
+model's) is loaded from a trained P = 1 run, the prefixes and the aggregator start fresh.
+A workdir gives its *best* (validation-selected) parameters, as ``mtl export`` and
+``mtl generate`` do by default (the latest checkpoint when no best was saved yet); an
+artifact gives its parameters. ``freeze_backbone=True`` trains only the prefixes, gates and
+aggregator (``mtl.train.optimizer.freeze``: the backbone stays bit-identical). Refused
+before anything is written: a missing path, a base that is not an LM or has P > 1 (its
+backbone is not the unit two-stage training starts from; resume that run's own workdir
+instead), another architecture (the first differing parameter and both shapes), and
+``freeze_backbone`` without ``init_from`` or with P = 1 (nothing meaningful would train).
+
+Zero-init prefix gate (``prefix_gate``; on by default exactly when ``init_from`` is set, so
+from-scratch training is unchanged). With plainly concatenated prefixes a two-stage run
+cannot start from the base model's loss: the prefix slots take part of every softmax and
+dilute the attention even with zero values. Gated (LLaMA-Adapter style), each attention
+layer attends to the tokens and to the prefix with a softmax each and adds
+``tanh(g_h) · attn_prefix`` per head h (``layers.attend``), with ``g`` of shape
+(layers, heads), shared by the streams, initialised to 0. At step 0 every stream is
+therefore exactly the base model and so is the aggregate, whatever the aggregation weights
+(tested to 1e-6 relative on the validation loss). The gates get gradient from the first
+step; the prefixes from the second (their gradient carries the factor tanh(g)), the
+aggregator once the streams differ. The KV cache (``generate``) holds the prefixes as
+before; the cached decode applies the same two softmaxes.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
+import os
 import time
 
 import jax
@@ -48,7 +74,7 @@ import numpy as np
 import jax.numpy as jnp
 from flax import nnx
 
-from mtl.nn.layers import dense
+from mtl.nn.layers import attend, dense, zeros
 from mtl.nn.multitask import TaskHeads
 
 REPARAMS = ("mlp", "none")
@@ -87,11 +113,14 @@ class StreamPrefixes(nnx.Module):
     ``[P, n, heads, head_dim]`` (see the module docstring for the reparameterisation)."""
 
     def __init__(self, P: int, layers: int, heads: int, head_dim: int, length: int = 48, *,
-                 reparam: str = "mlp", prefix_dim: int = 16, hidden: int = 32, rngs: nnx.Rngs):
+                 reparam: str = "mlp", prefix_dim: int = 16, hidden: int = 32, gated: bool = False,
+                 rngs: nnx.Rngs):
         if reparam not in REPARAMS:
             raise ValueError(f"ParScale: reparam must be one of {REPARAMS}; got {reparam!r}")
         self.P, self.layers, self.heads, self.head_dim, self.length = P, layers, heads, head_dim, length
-        self.reparam = reparam
+        self.reparam, self.gated = reparam, bool(gated)
+        if self.gated:  # per layer and head, shared by the streams; 0 = the prefixes are not seen
+            self.gate = nnx.Param(nnx.with_partitioning(zeros, (None, None))(rngs.params(), (layers, heads)))
         small = nnx.initializers.normal(0.02)
         if reparam == "mlp":
             init = nnx.with_partitioning(nnx.initializers.normal(1.0), (None, None, None))
@@ -105,14 +134,21 @@ class StreamPrefixes(nnx.Module):
             self.k = nnx.Param(init(rngs.params(), shape))
             self.v = nnx.Param(init(rngs.params(), shape))
 
+    def gates(self) -> list | None:
+        """Per layer the ``[heads]`` gate of the prefix attention (``None`` when not gated)."""
+        return [self.gate[...][i] for i in range(self.layers)] if self.gated else None
+
     def __call__(self) -> list:
         if self.reparam == "none":
-            return [(self.k[...][i], self.v[...][i]) for i in range(self.layers)]
-        out = []
-        for up, down in zip(self.up, self.down):
-            kv = down(jnp.tanh(up(self.p_prime[...])))  # [P, n, 2·heads·head_dim]
-            kv = kv.reshape(self.P, self.length, 2, self.heads, self.head_dim)
-            out.append((kv[:, :, 0], kv[:, :, 1]))
+            out = [(self.k[...][i], self.v[...][i]) for i in range(self.layers)]
+        else:
+            out = []
+            for up, down in zip(self.up, self.down):
+                kv = down(jnp.tanh(up(self.p_prime[...])))  # [P, n, 2·heads·head_dim]
+                kv = kv.reshape(self.P, self.length, 2, self.heads, self.head_dim)
+                out.append((kv[:, :, 0], kv[:, :, 1]))
+        if self.gated:
+            out = [kv + (g,) for kv, g in zip(out, self.gates())]
         return out
 
 
@@ -137,18 +173,96 @@ class Aggregator(nnx.Module):
         return jnp.einsum("blp,bplh->blh", self.weights(hs), hs)
 
 
+#: the wrapped model's parameters, under the names they have in the P = 1 model; ParScale
+#: adds ``prefix`` (keys/values, and the gates) and ``aggregator``
+BACKBONE = ("encoder", "heads")
+#: ``model.parscale`` keys read by the trainer (two-stage training), not by ParScale itself
+TRAINER_OPTIONS = ("init_from", "freeze_backbone")
+
+
+@dataclasses.dataclass(frozen=True)
+class TwoStage:
+    """Two-stage training (``model.parscale.init_from`` / ``freeze_backbone``): the backbone
+    (:data:`BACKBONE`) is loaded from a trained P = 1 run, the prefixes and the aggregator
+    start fresh; ``freeze_backbone`` trains only those. Checked here, before anything is
+    written: ``freeze_backbone`` needs ``init_from`` and P > 1."""
+
+    init_from: str = ""
+    freeze_backbone: bool = False
+
+    @classmethod
+    def from_options(cls, opts, P: int) -> "TwoStage":
+        init_from = opts.get("init_from") or ""
+        if not isinstance(init_from, str):
+            raise ValueError(f"model.parscale.init_from must be a path (a P = 1 workdir or `mtl export` artifact); "
+                             f"got {init_from!r}")
+        freeze = opts.get("freeze_backbone", False)
+        if not isinstance(freeze, (bool, np.bool_)):
+            raise ValueError(f"model.parscale.freeze_backbone must be True or False; got {freeze!r}")
+        if freeze and not init_from:
+            raise ValueError("model.parscale.freeze_backbone=True needs model.parscale.init_from (a trained P = 1 "
+                             "run): a frozen random backbone would train only prefixes and aggregator on noise")
+        if freeze and P == 1:
+            raise ValueError("model.parscale.freeze_backbone=True with P = 1 leaves nothing to train (P = 1 has no "
+                             "prefixes and no aggregator): set model.parscale.P > 1")
+        return cls(init_from, bool(freeze))
+
+    @classmethod
+    def from_model_config(cls, model_cfg) -> "TwoStage":
+        if model_cfg.get("arch", "shared") != "lm":
+            return cls()
+        opts = dict(model_cfg.get("parscale", {}) or {})
+        return cls.from_options(opts, _check_P(opts.get("P", 1)))
+
+    def is_frozen(self, path: str) -> bool:
+        """Is the parameter at ``path`` (``"encoder/blocks/0/..."``) kept fixed?"""
+        return self.freeze_backbone and path.split("/", 1)[0] in BACKBONE
+
+    def load_backbone(self, abstract_params) -> dict:
+        """The backbone parameters (nested dict ``{encoder, heads}``) of the run or artifact
+        ``init_from`` (a workdir gives its *best* parameters, as ``mtl export`` does), checked
+        against ``abstract_params`` (the new model's): a missing path, a P > 1 or non-LM base,
+        or another architecture (the error names the parameter and both shapes) is refused."""
+        from mtl import artifact
+        from mtl.checkpoint import CheckpointMismatchError
+
+        path = self.init_from
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model.parscale.init_from={path!r}: no such file or directory; give the workdir "
+                                    "of a trained P = 1 run (mtl train) or its artifact (mtl export)")
+        model_cfg = artifact.run_config(path).get("model", {})
+        arch = model_cfg.get("arch", "shared")
+        base_P = (model_cfg.get("parscale") or {}).get("P", 1)
+        if arch != "lm":
+            raise ValueError(f"model.parscale.init_from={path!r} is a model.arch={arch!r} run; two-stage training "
+                             "starts from a causal LM (model.arch='lm') with P = 1")
+        if base_P != 1:
+            raise ValueError(f"model.parscale.init_from={path!r} is a P = {base_P} run; two-stage training starts "
+                             "from a P = 1 model (to continue a ParScale run, resume its own workdir)")
+        expected = {k: v for k, v in nnx.to_pure_dict(abstract_params).items() if k in BACKBONE}
+        try:
+            return artifact.load_params_from(path, expected)
+        except CheckpointMismatchError as e:
+            raise CheckpointMismatchError(f"model.parscale.init_from: {e} (the base needs this run's "
+                                          "model.encoder_kwargs and tasks)") from None
+
+
 class ParScale(TaskHeads, nnx.Module):
     """``ParScale(model, P)``: ``model(x) -> {task: logits}`` through P parallel streams.
 
     ``model`` has ``encoder`` (a decoder accepting ``kv_prefixes``), ``heads`` and
     ``task_specs`` (a :class:`~mtl.nn.MultiTaskModel`). Options: ``prefix_len`` slots per
     layer and stream, ``reparam`` ("mlp" or "none"), ``prefix_dim``/``prefix_hidden`` of
-    the reparameterisation MLP, ``smoothing`` ε of the aggregation weights.
+    the reparameterisation MLP, ``smoothing`` ε of the aggregation weights, ``prefix_gate``
+    (zero-init gated prefix attention, see the module docstring).
     """
 
     def __init__(self, model, P: int, *, prefix_len: int = 48, reparam: str = "mlp", prefix_dim: int = 16,
-                 prefix_hidden: int = 32, smoothing: float = 0.01, rngs: nnx.Rngs | None = None):
+                 prefix_hidden: int = 32, smoothing: float = 0.01, prefix_gate: bool = False,
+                 rngs: nnx.Rngs | None = None):
         self.P = _check_P(P)
+        if not isinstance(prefix_gate, (bool, np.bool_)):
+            raise ValueError(f"ParScale: prefix_gate must be True or False; got {prefix_gate!r}")
         for attr in ("encoder", "heads", "task_specs"):
             if not hasattr(model, attr):
                 raise TypeError(f"ParScale wraps a causal LM with encoder, heads and task_specs "
@@ -158,6 +272,7 @@ class ParScale(TaskHeads, nnx.Module):
         self.encoder = model.encoder
         self.heads = model.heads
         self.prefix_len = 0
+        self.prefix_gated = False
         if self.P > 1:
             if rngs is None:
                 raise ValueError("ParScale with P > 1 creates prefixes and an aggregator: pass rngs=nnx.Rngs(seed)")
@@ -168,7 +283,9 @@ class ParScale(TaskHeads, nnx.Module):
                                  f"got {prefix_len}")
             self.prefix_len = int(prefix_len)
             self.prefix = StreamPrefixes(self.P, layers, heads, head_dim, self.prefix_len, reparam=reparam,
-                                         prefix_dim=int(prefix_dim), hidden=int(prefix_hidden), rngs=rngs)
+                                         prefix_dim=int(prefix_dim), hidden=int(prefix_hidden),
+                                         gated=bool(prefix_gate), rngs=rngs)
+            self.prefix_gated = bool(prefix_gate)
             self.aggregator = Aggregator(self.P, int(self.encoder.out_features), smoothing, rngs=rngs)
 
     # ------------------------------------------------------------------ streams
@@ -177,8 +294,10 @@ class ParScale(TaskHeads, nnx.Module):
         return jnp.repeat(x, self.P, axis=0)
 
     def prefixes(self, batch: int) -> list:
-        """The per-layer ``(k, v)`` prefixes tiled to ``[batch·P, n, heads, head_dim]``."""
-        return [(jnp.tile(k, (batch, 1, 1, 1)), jnp.tile(v, (batch, 1, 1, 1))) for k, v in self.prefix()]
+        """The per-layer ``(k, v)`` prefixes tiled to ``[batch·P, n, heads, head_dim]`` (and,
+        with ``prefix_gate``, that layer's ``[heads]`` gate: ``(k, v, gate)``)."""
+        return [(jnp.tile(kv[0], (batch, 1, 1, 1)), jnp.tile(kv[1], (batch, 1, 1, 1))) + tuple(kv[2:])
+                for kv in self.prefix()]
 
     def stream_features(self, x):
         """Final-norm hidden states of every stream, ``[B, P, L, H]`` (P > 1)."""
@@ -287,15 +406,14 @@ def forward_cached(model, tokens, cache, start, task: str):
     n_pre, total = model.prefix_len, cache[0][0].shape[1]
     slot = jnp.arange(total)[None, :]
     allowed = (slot < n_pre) | (slot - n_pre <= start + jnp.arange(c)[:, None])  # [c, total]
+    gates = model.prefix.gates() if model.prefix_gated else [None] * len(cache)
     new = []
-    for blk, (kc, vc) in zip(enc.blocks, cache):
+    for blk, (kc, vc), gate in zip(enc.blocks, cache, gates):
         attn = blk.attn
         q, k, v = jnp.split(attn.qkv(blk.norm1(h)), 3, axis=2)
         kc = jax.lax.dynamic_update_slice_in_dim(kc, k.astype(kc.dtype), n_pre + start, axis=1)
         vc = jax.lax.dynamic_update_slice_in_dim(vc, v.astype(vc.dtype), n_pre + start, axis=1)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, kc) / jnp.sqrt(attn.head_dim).astype(q.dtype)
-        logits = jnp.where(allowed[None, None], logits, jnp.finfo(logits.dtype).min)
-        h = h + attn.out(jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), vc))
+        h = h + attn.out(attend(q, kc, vc, allowed, n_pre, gate))
         h = h + blk.mlp(blk.norm2(h))
         new.append((kc, vc))
     h = enc.norm(h)

@@ -33,7 +33,8 @@ from mtl.checkpoint import CheckpointStore
 from mtl.data.pipeline import TrainBatches, eval_batches, split_validation
 from mtl.nn.build import model_factory
 from mtl.tasks import Task
-from mtl.train.optimizer import make_optimizer
+from mtl.nn.parscale import TwoStage
+from mtl.train.optimizer import freeze, make_optimizer
 from mtl.train import curves
 from mtl.train.events import EventWriter
 from mtl.train.step import Steps
@@ -81,6 +82,9 @@ def build(cfg, bundle, infos, mesh=None):
     tasks = [Task.from_info(i, hidden=tuple(cfg.model.head_hidden)) for i in infos]
     factory = model_factory(cfg.model, tasks, bundle.input_shape)
     tx = make_optimizer(steps=cfg.train.steps, **{k: v for k, v in cfg.optimizer.items()})
+    two_stage = TwoStage.from_model_config(cfg.model)
+    if two_stage.freeze_backbone:  # ParScale two-stage: only the prefixes and the aggregator train
+        tx = freeze(tx, two_stage.is_frozen)
     mesh = mesh if mesh is not None else shd.make_mesh(dict(cfg.mesh))
     weights = list(cfg.train.loss_weights) or None
     return Steps(factory, tasks, tx, mesh, rules=cfg.rules, loss_weights=weights, seed=cfg.seed,
@@ -138,11 +142,12 @@ class _Outputs:
         self.events.close()
 
 
-def _restore_or_init(steps, store):
-    """``(start, state, meta, prev_time_s)``: the newest verifying checkpoint, or a fresh state."""
+def _restore_or_init(steps, store, base=None):
+    """``(start, state, meta, prev_time_s)``: the newest verifying checkpoint, or a fresh state
+    (with ``base``'s parameters, see :meth:`Steps.init`)."""
     found = store.restore_latest(steps.abstract_state, log=log)
     if found is None:
-        return 0, steps.init(), {"best_value": None, "best_step": None}, 0.0
+        return 0, steps.init(base), {"best_value": None, "best_step": None}, 0.0
     start, state, meta = found
     prev = float(meta.pop("train_time_s", 0.0) or 0.0)
     return start, state, meta, prev
@@ -160,6 +165,10 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
     steps = build(cfg, bundle, infos, mesh)
     check_batches(cfg, len(train_src), batch_shards(steps.batch_sharding(1)))
     batches = TrainBatches(train_src, t.batch_size, cfg.data.seed, steps.batch_sharding)
+    two_stage = TwoStage.from_model_config(cfg.model)
+    # ParScale two-stage: the P = 1 base's backbone, checked against this model (read at every
+    # start, resumes too: a resumed run restores its own checkpoint and does not use it)
+    base = two_stage.load_backbone(steps.abstract_state.params) if two_stage.init_from else None
     action = inspect_workdir(workdir, cfg_json, overwrite, resume)
     task_names = [i.name for i in infos]
     log(f"[mtl] {cfg.name or 'run'}: {bundle.name}, tasks {task_names}, {len(train_src)} train / "
@@ -171,13 +180,16 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
     store = CheckpointStore(os.path.join(workdir, "checkpoints"), max_to_keep=t.keep_checkpoints)
     best_store = CheckpointStore(os.path.join(workdir, "best"), max_to_keep=None)
     try:
-        start, state, meta, prev_time = _restore_or_init(steps, store)
+        start, state, meta, prev_time = _restore_or_init(steps, store, base)
     except BaseException:
         store.close()
         best_store.close()
         raise
     write_config(workdir, cfg_json)  # only now: the checkpoint matched the model
     metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if base is not None and not start:
+        log(f"[mtl] two-stage: backbone ({', '.join(base)}) from {two_stage.init_from}"
+            + (", frozen" if two_stage.freeze_backbone else "") + "; prefixes and aggregator initialised fresh")
     if start:
         for s in best_store.steps():
             if s > start:

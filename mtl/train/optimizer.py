@@ -1,7 +1,12 @@
 """Optimizers from config: ``optimizer.name`` in {adamw, adam, sgd}, a learning-rate
-schedule (constant or warmup + cosine), optional global-norm clipping."""
+schedule (constant or warmup + cosine), optional global-norm clipping; ``freeze`` keeps
+chosen parameters fixed (ParScale's ``freeze_backbone``)."""
 from __future__ import annotations
 
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
 import optax
 
 from mtl.nn.encoders import unknown_name_error
@@ -40,3 +45,22 @@ def make_optimizer(name: str = "adamw", lr: float = 1e-3, steps: int = 1000, sch
     if grad_clip:
         tx = optax.chain(optax.clip_by_global_norm(float(grad_clip)), tx)
     return tx
+
+
+def frozen_updates() -> optax.GradientTransformation:
+    """Every update ``-0.0``: ``p + (-0.0) == p`` bit for bit for every float ``p`` (``+0.0``
+    would turn a ``-0.0`` parameter into ``+0.0``), so frozen parameters never change."""
+    return optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(lambda u: jnp.full_like(u, -0.0), updates), state))
+
+
+def freeze(tx: optax.GradientTransformation, frozen: Callable[[str], bool]) -> optax.GradientTransformation:
+    """``tx`` on the parameters whose path (``"a/b/c"``) is not ``frozen``; the frozen ones
+    stay bit-identical. Their gradients count neither for ``tx``'s clipping nor its weight decay."""
+    from mtl.checkpoint import path_str
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(lambda p, _: "frozen" if frozen(path_str(p)) else "train", params)
+
+    return optax.multi_transform({"train": tx, "frozen": frozen_updates()}, labels)

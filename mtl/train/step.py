@@ -182,10 +182,12 @@ class Steps:
         return WholeBatch(batch, self.forward)
 
     # ------------------------------------------------------------------ pure functions
-    def _init_fn(self):
+    def _init_fn(self, base=None):
         with nnx.use_eager_sharding(False):
             model = self.factory(nnx.Rngs(self.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
+        if base is not None:  # warm start: these entries come from a trained model (checked by the caller)
+            nnx.replace_by_pure_dict(params, base)
         params = jax.lax.with_sharding_constraint(params, self.param_shardings)
         sparse = ()
         if self.optim.sparse_fraction > 0:
@@ -279,9 +281,14 @@ class Steps:
         return out.grads, out.losses, out.aux_loss, out.rest
 
     # ------------------------------------------------------------------ public API
-    def init(self) -> TrainState:
+    def init(self, base=None) -> TrainState:
+        """A fresh state. ``base`` (a nested dict of arrays for some of the parameters, e.g.
+        ParScale's backbone from a P = 1 run, shapes already checked) replaces those freshly
+        initialised values; everything else (the optimizer state too) is initialised as usual."""
         with self.activate():
-            return self._init_compiled()
+            if base is None:
+                return self._init_compiled()
+            return jax.jit(self._init_fn, out_shardings=self.state_shardings)(base)
 
     def put_batch(self, batch):
         """Host numpy batch (whole global batch, single process) -> sharded device arrays."""
