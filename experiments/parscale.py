@@ -7,8 +7,10 @@
 Each (size, P, seed) trains ``configs/parscale.py:SIZE`` with ``model.parscale.P = P`` for
 ``--steps`` steps of ``--batch`` sequences of 128 bytes: the same token budget for every
 point (the streams share the batch's tokens, they do not see more data). Runs live under
-``--root`` (one workdir each; a finished run is read back, not retrained, so an
-interrupted sweep continues where it stopped). Per point: validation bits per byte of the
+``--root`` (one workdir each); every finished point is also recorded in ``--points``
+(``experiments/results/parscale_points.json``, small, kept in the repo), and a point found
+there or as a finished workdir of the same budget is read back, not retrained: an
+interrupted sweep, or one split over several sessions, continues where it stopped. Per point: validation bits per byte of the
 selected parameters (``train.select="last"``: no selection on the validation split that
 is also the fit's target) and N, the non-embedding parameters of the backbone
 (``mtl.nn.parscale.non_embedding_params``: blocks and final norm, no embeddings, LM head,
@@ -75,41 +77,73 @@ def non_embedding(cfg) -> int:
     return non_embedding_params(model)
 
 
+def _point_key(args, size, P, seed) -> str:
+    return f"{size}|P{int(P)}|s{int(seed)}|steps{int(args.steps)}|batch{int(args.batch)}"
+
+
+def load_points(path: str) -> dict:
+    """Finished points by key (``--points``, a small JSON file kept in the repo, so a sweep
+    split over several sessions or machines keeps what it has done)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_point(path: str, key: str, point: dict) -> None:
+    done = load_points(path)
+    done[key] = point
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(done, f, indent=1, sort_keys=True)
+    os.replace(path + ".tmp", path)
+
+
 def run_point(args, size, P, seed, log):
+    """The point's record ``{size, N, P, seed, val_bpb, test_bpb, train_time_s}``: read back from
+    ``--points`` or from a finished workdir of the same budget, else trained (None with
+    ``--report-only``)."""
     from mtl.train.loop import run
 
+    key = _point_key(args, size, P, seed)
+    done = load_points(args.points)
+    if key in done:
+        log(f"[parscale] {size} P={P} seed {seed}: read back from {args.points}")
+        return done[key]
     wd = os.path.join(args.root, f"{size}_P{P}_s{seed}")
     res_path = os.path.join(wd, "results.json")
     cfg = point_config(args, size, P, seed)
+    res = None
     if os.path.exists(res_path):
         with open(res_path) as f:
             res = json.load(f)
-        if res.get("steps") == args.steps:
+        if res.get("steps") != args.steps:
+            res = None
+        else:
             log(f"[parscale] {size} P={P} seed {seed}: finished run read back from {wd}")
-            return res, wd
-    if args.report_only:
-        return None, wd
-    t0 = time.time()
-    res = run(cfg, wd, overwrite=True)
-    log(f"[parscale] {size} P={P} seed {seed}: trained in {time.time() - t0:.0f} s, "
-        f"val {res['val']['next_byte']['bits_per_byte']:.4f} bits/byte")
-    return res, wd
+    if res is None:
+        if args.report_only:
+            return None
+        t0 = time.time()
+        res = run(cfg, wd, overwrite=True)
+        log(f"[parscale] {size} P={P} seed {seed}: trained in {time.time() - t0:.0f} s, "
+            f"val {res['val']['next_byte']['bits_per_byte']:.4f} bits/byte")
+    point = {"size": size, "N": non_embedding(point_config(args, size, 1, seed)), "P": int(P), "seed": int(seed),
+             "val_bpb": float(res["val"]["next_byte"]["bits_per_byte"]),
+             "test_bpb": float(res["test"]["next_byte"]["bits_per_byte"]),
+             "train_time_s": float(res.get("train_time_s", float("nan")))}
+    save_point(args.points, key, point)
+    return point
 
 
 def sweep(args, log):
-    points, sizes_n = [], {}
+    points = []
     for size in args.sizes:
         for P in args.P:
             for seed in args.seeds:
-                res, wd = run_point(args, size, P, seed, log)
-                if res is None:
-                    continue
-                if size not in sizes_n:
-                    sizes_n[size] = non_embedding(point_config(args, size, 1, seed))
-                points.append({"size": size, "N": sizes_n[size], "P": int(P), "seed": int(seed),
-                               "val_bpb": float(res["val"]["next_byte"]["bits_per_byte"]),
-                               "test_bpb": float(res["test"]["next_byte"]["bits_per_byte"]),
-                               "train_time_s": float(res.get("train_time_s", float("nan"))), "workdir": wd})
+                point = run_point(args, size, P, seed, log)
+                if point is not None:
+                    points.append(point)
     return points
 
 
@@ -245,6 +279,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--root", default="runs/parscale_sweep")
     p.add_argument("--out", default="experiments/results/parscale.md")
+    p.add_argument("--points", default="experiments/results/parscale_points.json",
+                   help="finished points (read back, and each new one added): commit it to keep a split sweep")
     p.add_argument("--report-only", action="store_true", help="train nothing; fit and report the finished runs")
     a = p.parse_args(argv)
     t0 = time.time()

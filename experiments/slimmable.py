@@ -240,10 +240,19 @@ def _write_atomic(path, text):
 
 def seed_result(args, seed, log):
     """``one_seed``'s result, cached in ``ROOT/seedN/result.json`` together with the settings
-    it was computed with: rerunning the sweep skips the seeds already done (same settings)."""
+    it was computed with, and read back from the report's JSON (``--out``'s ``.json``, kept
+    in the repo): rerunning the sweep skips the seeds already done with the same settings."""
     path = os.path.join(args.root, f"seed{seed}", "result.json")
     keys = ("steps", "encoder", "widths", "n_train", "n_test", "prefs", "budgets")
     settings = {k: getattr(args, k) for k in keys}
+    out_json = os.path.splitext(args.out)[0] + ".json"   # the report's JSON (kept in the repo)
+    if os.path.exists(out_json):
+        with open(out_json) as f:
+            prev = json.load(f)
+        same = {k: prev.get("args", {}).get(k) for k in keys} == json.loads(json.dumps(settings))
+        if same and seed in prev.get("seeds_done", []):
+            log(f"[seed {seed}] reusing {out_json}")
+            return prev["results"][prev["seeds_done"].index(seed)]
     if os.path.exists(path):
         with open(path) as f:
             cached = json.load(f)

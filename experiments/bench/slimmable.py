@@ -107,18 +107,20 @@ def _batch(n: int):
             "masks": {t: np.ones(n, bool) for t in ("seg", "depth", "edges")}}
 
 
-def _step_time(steps, batch, repeats: int) -> float:
+def _step_time(steps, batch, repeats: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of one step, each the minimum over ``repeats``. CPU time (all of
+    this process's threads) is the steadier measure of the work on a loaded machine."""
     state = steps.init()
     b = steps.put_batch(batch)
     state, m = steps.step(state, b)  # compile
     jax.block_until_ready(m)
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         state, m = steps.step(state, b)
         jax.block_until_ready(m)
-        best = min(best, time.perf_counter() - t0)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return wall, cpu
 
 
 def bench_train(encoder: str, batch: int, repeats: int) -> list[str]:
@@ -136,9 +138,10 @@ def bench_train(encoder: str, batch: int, repeats: int) -> list[str]:
         if w not in t_single:
             st, _ = _steps(encoder, {"only": float(w), "n": 1})
             t_single[w] = _step_time(st, data, repeats)
-    total = sum(t_single[w] for w in singles)
-    rows = [f"| {encoder} | {n} | {t_fused * 1e3:.1f} | " + ", ".join(f"{w}: {t_single[w] * 1e3:.1f}" for w in singles)
-            + f" | {total * 1e3:.1f} | {t_fused / total:.2f} |"]
+    total = [sum(t_single[w][i] for w in singles) for i in (0, 1)]
+    rows = [f"| {encoder} | {n} | {t_fused[0] * 1e3:.1f} / {t_fused[1] * 1e3:.1f} | "
+            + ", ".join(f"{w}: {t_single[w][0] * 1e3:.1f} / {t_single[w][1] * 1e3:.1f}" for w in singles)
+            + f" | {total[0] * 1e3:.1f} / {total[1] * 1e3:.1f} | {t_fused[0] / total[0]:.2f} / {t_fused[1] / total[1]:.2f} |"]
     return rows
 
 
@@ -151,7 +154,8 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="also time the sandwich train step vs n separate steps")
     p.add_argument("--train-batch", type=int, default=32)
     a = p.parse_args(argv)
-    lines = [f"Slimmable dense model (configs/slimmable_dense.py), forward of batch {a.batch}, {jax.devices()[0].platform}",
+    lines = [f"Load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", "",
+             f"Slimmable dense model (configs/slimmable_dense.py), forward of batch {a.batch}, {jax.devices()[0].platform}",
              "", "| encoder | configuration | MFLOPs / example | FLOPs ratio | latency ms / batch | latency ratio | latency/FLOPs |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for enc in a.encoders:
@@ -161,7 +165,7 @@ def main(argv=None):
         lines += ["", f"Train step (Adam, batch {a.train_batch}; minimum over {a.repeats} steps after compilation): "
                   "the sandwich rule's n configurations in one step vs n separate steps of one uniform "
                   "configuration each.", "",
-                  "| encoder | n | sandwich step ms | separate steps ms (width: ms) | sum ms | ratio (goal <= 1.0) |",
+                  "| encoder | n | sandwich step ms (wall / CPU) | separate steps ms (width: wall / CPU) | sum ms (wall / CPU) | ratio wall / CPU (goal <= 1.0) |",
                   "|---|---:|---:|---|---:|---:|"]
         for enc in a.encoders:
             lines += bench_train(enc, a.train_batch, a.repeats)
