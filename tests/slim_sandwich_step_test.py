@@ -62,16 +62,12 @@ def test_sandwich_step_sharded_equals_single_device():
 
 
 def _reference(steps, state, b):
-    """The step's objective re-derived outside it: the group drawn from the step key (the
-    run's key folded with the step, then with the variant salt), sandwich_losses of that
-    group with the same pool and weights."""
-    from mtl.train.step import VARIANT_SALT
-
+    """The step's objective re-derived outside it: the group the step picks for its step
+    number, sandwich_losses of that group with the same pool and weights."""
     model = steps.model(state.params, state.rest)
     sampler = SandwichSampler((0.25, 0.5, 1.0), ("cls", "reg"), n=3, pool_size=4)
     assert model.train_variants == len(sampler.groups) == 4
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    group = int(jax.random.randint(jax.random.fold_in(key, VARIANT_SALT), (), 0, 4))
+    group = steps.variant_of(int(state.step))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def parts(p):
@@ -119,3 +115,18 @@ def test_mgda_weighs_the_labelled_losses(optim):
     np.testing.assert_allclose(np.asarray(m["weights"]), [w1, 1 - w1], atol=2e-3)
     upd = before - flat(jax.device_get(new.params))
     np.testing.assert_allclose(upd, w1 * g1 + (1 - w1) * g2 + g_aux, rtol=2e-3, atol=2e-5)
+
+
+def test_the_step_picks_every_group_as_a_function_of_seed_and_step():
+    mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
+    steps = Steps(factory(), TASKS, make_optimizer("sgd", 0.1, 10, schedule="constant"), mesh)
+    picks = [steps.variant_of(s) for s in range(200)]
+    assert set(picks) == {0, 1, 2, 3} and max(np.bincount(picks)) < 80   # ~uniform over 4 groups
+    again = Steps(factory(), TASKS, make_optimizer("sgd", 0.1, 10, schedule="constant"), mesh)
+    assert [again.variant_of(s) for s in range(200)] == picks              # resume: same groups
+    # the step run with step= equals the step that reads the step number from the state
+    rng = np.random.default_rng(3)
+    b = steps.put_batch(batch(rng))
+    s1, m1 = steps.step(steps.init(), b, step=0)
+    s2, m2 = steps.step(steps.init(), b)
+    np.testing.assert_array_equal(np.asarray(m1["losses"]), np.asarray(m2["losses"]))

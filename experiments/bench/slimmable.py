@@ -108,16 +108,21 @@ def _batch(n: int):
 
 
 def _step_time(steps, batch, repeats: int) -> tuple[float, float]:
-    """(wall, CPU) seconds of one step, each the minimum over ``repeats``. CPU time (all of
-    this process's threads) is the steadier measure of the work on a loaded machine."""
+    """(wall, CPU) seconds of one step, each the minimum over ``repeats`` steps of every
+    train variant (the sandwich groups, all compiled first). CPU time (all of this
+    process's threads) is the steadier measure of the work on a loaded machine."""
     state = steps.init()
     b = steps.put_batch(batch)
-    state, m = steps.step(state, b)  # compile
-    jax.block_until_ready(m)
+    # one step number per train variant (the sandwich rule's groups), each compiled first
+    G = steps.forward.variants
+    at = [next(s for s in range(1000) if steps.variant_of(s) == v) for v in range(G)]
+    for s in at:
+        state, m = steps.step(state, b, step=s)
+        jax.block_until_ready(m)
     wall = cpu = float("inf")
-    for _ in range(repeats):
+    for i in range(repeats * G):
         t0, c0 = time.perf_counter(), time.process_time()
-        state, m = steps.step(state, b)
+        state, m = steps.step(state, b, step=at[i % G])
         jax.block_until_ready(m)
         wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
     return wall, cpu

@@ -247,7 +247,7 @@ def run(cfg, workdir: str, *, overwrite: bool = False, resume: bool = False, mes
         for step in range(start, stop_at):
             s1 = step + 1
             diag = diag_every > 0 and s1 % diag_every == 0
-            state, m = steps.step(state, batches[step], diagnostics=diag)
+            state, m = steps.step(state, batches[step], diagnostics=diag, step=step)
             if compile_s is None:  # the first step compiles: keep it out of the rate and ETA
                 jax.block_until_ready(state.step)
                 last_t, last_step = time.time(), s1

@@ -32,9 +32,11 @@ cosines, conflict fraction) through the route that builds G; the loop calls it e
 ``optim.diagnostics_every`` steps. Both compute the same update.
 
 A model with its own objective may declare ``train_variants = G > 1`` static variants
-of it (the sandwich rule's groups of widths): each step draws one (uniform, from the step
-key, so resume is exact) and the route runs under a ``lax.switch`` over G copies of
-itself (:meth:`Steps._run_route`), one per variant, so autodiff stays inside a branch.
+of it (the sandwich rule's groups of widths): the step is then G programs, one per
+variant (compiled on first use), and :meth:`Steps.step` runs the one
+:meth:`Steps.variant_of` picks for the step number (uniform, a function of the seed and
+the step, so resume is exact). Host-side, not a ``lax.switch``: XLA:CPU runs
+convolutions inside a conditional several times slower than outside one.
 """
 from __future__ import annotations
 
@@ -133,11 +135,13 @@ class Steps:
         self.abstract_state = jax.tree.map(
             lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
             jax.eval_shape(self._init_fn), self.state_shardings)
-        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
-                                  out_shardings=(self.state_shardings, None), donate_argnums=(0,))
-        self.train_step_diag = jax.jit(lambda s, b: self._train_step(s, b, diagnostics=True),
-                                       in_shardings=(self.state_shardings, None),
-                                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+        # one program per train variant of the model (compiled on first use), as both steps
+        jit_step = lambda diag, v: jax.jit(  # noqa: E731
+            lambda s, b: self._train_step(s, b, diagnostics=diag, variant=v),
+            in_shardings=(self.state_shardings, None), out_shardings=(self.state_shardings, None),
+            donate_argnums=(0,))
+        self._variant_steps = {(d, v): jit_step(d, v) for d in (False, True) for v in range(self.forward.variants)}
+        self.train_step, self.train_step_diag = self._variant_steps[False, 0], self._variant_steps[True, 0]
         rep = NamedSharding(mesh, P())
         self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings.params,
                                                                 self.state_shardings.rest, None),
@@ -207,7 +211,7 @@ class Steps:
         """(per-task losses [T], auxiliary loss, updated non-parameter state): :meth:`Forward.losses`."""
         return self.forward.losses(params, rest, batch)
 
-    def _train_step(self, state: TrainState, batch, diagnostics: bool = False):
+    def _train_step(self, state: TrainState, batch, diagnostics: bool = False, variant: int = 0):
         """route -> aggregator -> update, with the sparse mask and FAMO's post-step update."""
         sparse = self.optim.sparse_fraction > 0
         prev_mask = state.sparse_mask
@@ -217,7 +221,7 @@ class Steps:
                          key=jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step),
                          step=state.step, present=present_mask(self.tasks, batch),
                          sparse_mask=state.sparse_mask if sparse else None)
-        out = self._run_route(self.diag_route if diagnostics else self.route, inp)
+        out = self._run_route(self.diag_route if diagnostics else self.route, inp, variant)
         post = None
         if self.weigh.same_batch_update:  # FAMO: this batch again, with the updated parameters
             post = lambda params, rest, agg: self.weigh.post_update(  # noqa: E731
@@ -228,21 +232,19 @@ class Steps:
                 lambda a, b: jnp.where(metrics["ok"], a, b), new_state.sparse_mask, prev_mask))
         return new_state, metrics
 
-    def _run_route(self, route, inp):
-        """``route(inp)``; for a model with G > 1 ``train_variants``, the variant of this step
-        (uniform, from the step key) and the whole route traced once per variant under a
-        ``lax.switch``: gradients are taken inside each branch, never through the switch."""
+    def variant_of(self, step: int) -> int:
+        """The model's train variant at ``step`` (0 when it has one): uniform over
+        ``train_variants``, a pure function of the run's seed and the step number, so a
+        resumed run uses the same variants as an uninterrupted one."""
         G = self.forward.variants
         if G == 1:
-            return route(inp, self.weigh)
+            return 0
+        return int(np.random.default_rng([self.seed, VARIANT_SALT, int(step)]).integers(G))
 
-        def branch(v):
-            def run():
-                with self.forward.at_variant(v):
-                    return route(inp, self.weigh)
-            return run
-        v = jax.random.randint(jax.random.fold_in(inp.key, VARIANT_SALT), (), 0, G)
-        return jax.lax.switch(v, [branch(v) for v in range(G)])
+    def _run_route(self, route, inp, variant: int):
+        """``route(inp)`` with the model's objective at static ``variant``."""
+        with self.forward.at_variant(variant):
+            return route(inp, self.weigh)
 
     def _sparse_mask(self, state, batch):
         """The sparse-training mask for this step. ``"magnitude"``: fixed at init.
@@ -294,14 +296,19 @@ class Steps:
         """Host numpy batch (whole global batch, single process) -> sharded device arrays."""
         return jax.tree.map(lambda x: jax.device_put(np.asarray(x), self.batch_sharding(np.ndim(x))), batch)
 
-    def step(self, state: TrainState, batch, diagnostics: bool = False):
+    def step(self, state: TrainState, batch, diagnostics: bool = False, step: int | None = None):
         """One train step; ``diagnostics=True`` also returns ``cosines`` (T, T),
         ``conflict_fraction`` and ``grad_norms`` (T,) of the per-task gradients (on the
-        shared parameters or representation, per ``optim.grad_on``)."""
+        shared parameters or representation, per ``optim.grad_on``). ``step`` (the state's
+        step number, which the loop knows) picks a multi-variant model's program without
+        reading it back from the device."""
         with self.activate():
             # routes that build G on every step already return the diagnostics: no second compile
             diag = diagnostics and not builds_gram(self.optim, self.weigh)
-            return (self.train_step_diag if diag else self.train_step)(state, batch)
+            v = 0
+            if self.forward.variants > 1:
+                v = self.variant_of(int(jax.device_get(state.step)) if step is None else step)
+            return self._variant_steps[diag, v](state, batch)
 
     def evaluate(self, state: TrainState, batches) -> dict:
         """``{task: {metric: value}}`` (incl. ``loss``) over all ``batches`` (masked rows ignored)."""
