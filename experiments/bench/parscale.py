@@ -252,7 +252,8 @@ def main(argv=None):
     if 1 not in a.P:
         raise SystemExit("--P must include 1 (the baseline of every ratio)")
     lines = [f"ParScale benchmark, {jax.devices()[0].platform}, jax {jax.__version__}. Command: "
-             f"`python experiments/bench/parscale.py {' '.join(sys.argv[1:] if argv is None else argv)}`", ""]
+             f"`python experiments/bench/parscale.py {' '.join(sys.argv[1:] if argv is None else argv)}`. "
+             f"Load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.", ""]
 
     def emit(new):
         lines.extend(new)
