@@ -62,7 +62,7 @@ from mtl.train.spec import OptimSpec
 from mtl.train.update import apply_update
 from mtl.train.weigh import Weigh
 
-VARIANT_SALT = 0x5A4D  # folded into the step key to draw a model's train variant (independent of other uses)
+VARIANT_SALT = 0x5A4D  # seeds the host draw of a model's train variant per step (Steps.variant_of)
 
 
 @flax.struct.dataclass

@@ -10,10 +10,10 @@ random ones. Widths are static, so the random ones are drawn either
   :attr:`SandwichSampler.pool` of configurations (the whole grid when it has at most
   ``pool_size`` entries, else ``pool_size`` distinct ones drawn once from ``seed``),
   shuffled once and cut into ``ceil(len(pool) / (n - 2))`` groups of ``n - 2``. The train
-  step draws the group (``train_variants``, :mod:`mtl.train.forward`): every pool entry is
-  trained as often as with independent draws from the pool, and each group is a static
-  program, so no gradient crosses a ``lax.switch`` (which cost a recomputed forward, or
-  residuals padded to the union of all branches, per random configuration).
+  step picks the group per step (``train_variants``, :mod:`mtl.train.step`): every pool
+  entry is trained as often as with independent draws from the pool, and each group is its
+  own static program (a ``lax.switch`` over the pool inside the step cost a recomputed
+  forward per random configuration, and XLA:CPU runs convolutions slowly inside it).
 
 :func:`sandwich_losses` composes one step's objective from the parts in this package.
 """

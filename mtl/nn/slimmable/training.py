@@ -14,10 +14,9 @@ one jitted, sharded train step trains it with the sandwich rule and no branch of
 The ``n - 2`` random configurations are one of the sampler's fixed groups
 (:attr:`SandwichSampler.groups`: the pool of configurations shuffled once and cut into
 groups of ``n - 2``). The model declares ``train_variants`` = the number of groups; the
-train step draws one per step from its own step key (a function of the run's seed and the
-step number, so a resumed run draws the same groups as an uninterrupted one) and runs the
-whole gradient route of that group (:mod:`mtl.train.forward`): each group is a static
-program and no gradient crosses the ``lax.switch`` that picks it.
+train step is one compiled program per group and picks one per step on the host
+(:meth:`mtl.train.step.Steps.variant_of`: a function of the run's seed and the step
+number, so a resumed run uses the same groups as an uninterrupted one).
 
 Configured by ``model.arch_kwargs.sandwich`` (a dict of :class:`SandwichSpec` fields)::
 
