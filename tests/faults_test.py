@@ -99,10 +99,10 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted(ref, tmp_path, 
     wd = str(tmp_path / "run")
     killed_run(wd, f"""
         orig = loop.Steps.step
-        def step(self, state, batch, diagnostics=False):
+        def step(self, state, batch, diagnostics=False, **kw):
             if int(state.step) == {kill_at}:
                 die()
-            return orig(self, state, batch, diagnostics=diagnostics)
+            return orig(self, state, batch, diagnostics=diagnostics, **kw)
         loop.Steps.step = step
         """)
     latest = CheckpointStore(os.path.join(wd, "checkpoints")).latest_step() or 0

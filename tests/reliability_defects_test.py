@@ -240,10 +240,10 @@ def test_ctrl_c_saves_then_exits_quietly(tmp_path, monkeypatch, capsys, referenc
                         "def get_config(arg=None):\n    return tiny_config(steps=40)\n" % os.path.dirname(__file__))
     orig = loop.Steps.step
 
-    def step(self, state, batch, diagnostics=False):
+    def step(self, state, batch, diagnostics=False, **kw):
         if int(state.step) == 15:
             raise KeyboardInterrupt
-        return orig(self, state, batch, diagnostics=diagnostics)
+        return orig(self, state, batch, diagnostics=diagnostics, **kw)
 
     monkeypatch.setattr(loop.Steps, "step", step)
     wd = str(tmp_path / "run")
@@ -269,11 +269,11 @@ def test_train_time_adds_up_and_eta_excludes_compile(tmp_path, monkeypatch):
     orig = loop.Steps.step
     calls = {"n": 0}
 
-    def slow_first(self, state, batch, diagnostics=False):
+    def slow_first(self, state, batch, diagnostics=False, **kw):
         calls["n"] += 1
         if calls["n"] == 1:
             _time.sleep(3.0)             # stands in for a long compile
-        return orig(self, state, batch, diagnostics=diagnostics)
+        return orig(self, state, batch, diagnostics=diagnostics, **kw)
 
     monkeypatch.setattr(loop.Steps, "step", slow_first)
     wd = str(tmp_path / "run")
