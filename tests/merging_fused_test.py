@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import mtl.merging as mm
-from mtl.merging import topk
+from mtl.merging import dare_mask, topk
 
 K = 4
 
@@ -59,10 +59,11 @@ def ref_ties(theta0, taus, thresholds, lam, mode):
     return (theta0.astype(ct) + lam * merged).astype(theta0.dtype)
 
 
-@jax.jit
 def ref_dare(tau, key, keep_prob, scale):
-    keep = jax.random.bernoulli(key, keep_prob, tau.shape)
-    return jnp.where(keep, tau * scale, 0).astype(tau.dtype)
+    """DARE's drop with the mask re-derived in numpy from the per-tensor key (see mtl.merging.dare_mask)."""
+    w = np.asarray(jax.random.bits(key, (2,), jnp.uint32))
+    keep = dare_mask.keep_mask_np(tau.shape, w, dare_mask.threshold(keep_prob))
+    return jnp.where(jnp.asarray(keep), tau * scale, 0).astype(tau.dtype)
 
 
 def np_thresholds(flat_tvs, k):

@@ -177,6 +177,35 @@ def test_dare_drop_rate_rescale_and_determinism():
         mm.dare([tv], p=1.0)
 
 
+def test_dare_mask_matches_numpy_and_behaves_like_independent_coins():
+    """The hash mask (mtl.merging.dare_mask) equals its numpy re-derivation bit for bit, and its statistics are
+    those of independent Bernoulli(keep) draws: the kept fraction, neighbour and lag correlations, the
+    agreement between two tasks' masks, and runs of equal bits, each within 5 binomial standard deviations."""
+    from mtl.merging import dare_mask
+
+    shape, keep = (512, 1000), 0.3
+    n = shape[0] * shape[1]
+    spec_words = [np.asarray(dare_mask.words(jax.random.fold_in(jax.random.key(9), t))) for t in range(2)]
+    thresh = dare_mask.threshold(keep)
+    masks = []
+    for w in spec_words:
+        got = np.asarray(jax.jit(dare_mask.keep_mask, static_argnums=0)(shape, w, np.uint32(thresh)))
+        np.testing.assert_array_equal(got, dare_mask.keep_mask_np(shape, w, thresh))
+        masks.append(got.ravel())
+    a, b = (m.astype(np.float64) for m in masks)
+    sd = lambda q, m: 5 * np.sqrt(q * (1 - q) / m)  # noqa: E731
+    assert abs(a.mean() - keep) < sd(keep, n)
+    for lag in (1, 2, 1000, 4096):  # neighbours along a row, down a column, and a power of two
+        both = (a[:-lag] * a[lag:]).mean()
+        assert abs(both - keep**2) < sd(keep**2, n - lag), lag
+    assert abs((a * b).mean() - keep**2) < sd(keep**2, n)  # two tasks' masks are independent
+    switches = np.count_nonzero(masks[0][1:] != masks[0][:-1]) / (n - 1)  # a run-length statistic
+    assert abs(switches - 2 * keep * (1 - keep)) < sd(2 * keep * (1 - keep), n)
+    assert dare_mask.threshold(1.0) == 2**32 - 1 and dare_mask.keep_mask_np((5,), spec_words[0], 2**32 - 1).all()
+    with pytest.raises(ValueError, match="keep probability"):
+        dare_mask.threshold(0.0)
+
+
 @pytest.mark.parametrize("then,hp", [("task_arithmetic", {"lam": 0.5}), ("ties", {"k": 50, "mode": "sum"})])
 def test_dare_merge_composes(then, hp):
     pre, _, tvs = setup(6)

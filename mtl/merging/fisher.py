@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl.merging.sources import MergeInputs, as_source, run_tree
-from mtl.merging.static import compute_dtype, fused, input_probe, run_kernel
+from mtl.merging.static import compute_dtype, fused, run_kernel
 from mtl.merging.tree import PyTree
 
 __all__ = ["fisher", "fisher_core", "estimate_fisher", "FISHER_LABELS"]
@@ -30,8 +30,8 @@ def fisher_kernel(theta0, taus, raw, fishers, coeffs, eps):
         w = c * (f.astype(ct) + eps)
         num = num + w * t.astype(ct)
         den = den + w
-    merged = (theta0.astype(ct) + num / den).astype(theta0.dtype)
-    return merged, (merged if taus is raw else input_probe(theta0, raw))
+    merged = (theta0.astype(ct) + num / den).astype(theta0.dtype)  # non-finite inputs reach it (form_taus)
+    return merged, merged
 
 
 def fisher_core(inp: MergeInputs, *, fishers, coeffs=None, eps: float = 1e-8):

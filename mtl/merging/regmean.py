@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl.merging.sources import MergeInputs, run_tree
-from mtl.merging.static import average_kernel, compute_dtype, fused, input_probe, run_kernel
+from mtl.merging.static import average_kernel, compute_dtype, fused, propagate_nonfinite, run_kernel
 from mtl.merging.tree import PyTree, flatten
 
 __all__ = ["regmean", "regmean_core", "gram"]
@@ -68,7 +68,8 @@ def regmean_kernel(theta0, taus, raw, grams, alpha):
     dead = jnp.diag(total) <= 0
     sol = jnp.linalg.solve(total + jnp.diag(dead.astype(ct)), rhs)
     sol = jnp.where(dead[:, None], sum(ts[1:], ts[0]) / len(ts), sol)
-    return (theta0.astype(ct) + sol.reshape(theta0.shape)).astype(theta0.dtype), input_probe(theta0, raw)
+    merged = propagate_nonfinite(theta0.astype(ct) + sol.reshape(theta0.shape), theta0, raw).astype(theta0.dtype)
+    return merged, merged
 
 
 def _validate_grams(grams, inp: MergeInputs):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl.merging import dare_mask
 from mtl.merging.tree import PyTree, check_compatible, flatten, is_traced, path_filter, unflatten
 
 __all__ = ["Source", "DictSource", "as_source", "MergeInputs", "DropSpec", "Checks", "run_tree", "stream_inputs",
@@ -105,30 +106,41 @@ class MergeInputs:
 
 @dataclasses.dataclass(frozen=True)
 class DropSpec:
-    """DARE's drop: task ``k`` at ``path`` keeps an entry with ``bernoulli(path_key(key, k, path), keep_prob)``."""
+    """DARE's drop: task ``k`` at ``path`` keeps entry ``i`` iff its hash is at most a threshold
+    (:mod:`mtl.merging.dare_mask`; the words from ``path_key(key, k, path)``), then rescales by ``scale``."""
 
     key: Any
     keep_prob: float
     scale: float
 
     def at(self, path: str, num_tasks: int):
-        k = jax.random.fold_in  # the key of one tensor: fold_in(fold_in(key, task), crc32(path))
-        crc = zlib.crc32(path.encode())
-        return [k(k(self.key, t), crc) for t in range(num_tasks)], self.keep_prob, self.scale
+        """The kernel's ``drop`` argument at ``path``: ``(words [K, 2] uint32, threshold uint32, scale)``."""
+        w = _tensor_words(self.key, np.uint32(zlib.crc32(path.encode())), num_tasks=num_tasks)
+        return w, np.uint32(dare_mask.threshold(self.keep_prob)), self.scale
+
+
+@functools.partial(jax.jit, static_argnames="num_tasks")
+def _tensor_words(key, crc, *, num_tasks):
+    """Per task, the mask words of one tensor: ``bits(fold_in(fold_in(key, task), crc32(path)))``."""
+    k = jax.random.fold_in
+    return jnp.stack([dare_mask.words(k(k(key, t), crc)) for t in range(num_tasks)])
 
 
 def form_taus(x0, xs, relative: bool, drop):
     """Inside a kernel: ``(raw, taus)``: ``τ_k`` (``θ_k − θ0`` when ``relative``), then DARE's drop if any.
 
-    ``raw`` is before the drop (what the finiteness probe looks at).  Both
-    keep the parameters' dtype, exactly as materialised task vectors would.
+    ``raw`` is before the drop.  Both keep the parameters' dtype, exactly as
+    materialised task vectors would; a dropped entry of a non-finite ``τ``
+    stays non-finite (NaN), so the merged tensor still shows it.
     """
     raw = [_rounded(jnp.subtract, x, x0) for x in xs] if relative else list(xs)
     if drop is None:
         return raw, raw
-    keys, keep_prob, scale = drop
-    return raw, [jnp.where(jax.random.bernoulli(key, keep_prob, t.shape), _rounded(jnp.multiply, t, scale), 0
-                           ).astype(t.dtype) for key, t in zip(keys, raw)]
+    w, thresh, scale = drop
+    # a dropped entry is ``τ − τ``: +0 where τ is finite (as a literal 0 would be), NaN where it is not, so a
+    # non-finite input is never dropped out of sight of the kernel's finiteness probe
+    return raw, [jnp.where(dare_mask.keep_mask(t.shape, w[k], thresh), _rounded(jnp.multiply, t, scale), t - t
+                           ).astype(t.dtype) for k, t in enumerate(raw)]
 
 
 def _rounded(op, a, b):
@@ -152,8 +164,9 @@ def kernel_flags(x0, xs, relative: bool, probe):
     """Inside a kernel: float32 ``[1 + K]``: ``[0]`` is 0 iff ``probe`` is finite; ``[1 + k]`` is 1 where a
     strided sample of ``τ_k`` (at most 8 entries per axis) is nonzero.
 
-    ``probe`` is any array that is non-finite wherever an input is (the
-    merged tensor of a linear merge, ``θ0 + Σ τ_k`` otherwise); a flagged
+    ``probe`` is any array that is non-finite wherever an input is: the
+    merged tensor, whose kernels keep non-finite inputs visible (see
+    :func:`form_taus` and TIES' trim); a flagged
     tensor is re-checked exactly at the end, so an overflow in finite inputs
     raises nothing.  A model whose samples are all zero is checked exactly too.
     """

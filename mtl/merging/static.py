@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl.merging import dare_mask
 from mtl.merging.sources import DropSpec, MergeInputs, form_taus, kernel_flags, run_tree
 from mtl.merging.topk import kth_largest_magnitudes, magnitude, num_keep, ties_thresholds_of
 from mtl.merging.tree import PyTree, check_compatible, flatten
@@ -68,18 +69,25 @@ def fused(body):
         n for n, p in inspect.signature(body).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY))
 
 
-def input_probe(theta0, raw):
-    """Non-finite wherever ``θ0`` or a (pre-drop) ``τ_k`` is: for merges that can drop entries."""
-    ct = compute_dtype(theta0.dtype)
-    return theta0.astype(ct) + _fold(jnp.add, [t.astype(ct) for t in raw])
+def propagate_nonfinite(merged, theta0, raw):
+    """``merged`` (compute dtype) made NaN wherever ``θ0`` or a (pre-drop) ``τ_k`` is non-finite.
+
+    The shadow ``(θ0 − θ0) + Σ_k (τ_k − τ_k)`` is +0 where every input is
+    finite (an exact zero that never overflows) and NaN elsewhere, and
+    ``merged − (+0)`` is ``merged`` bit for bit (negative zeros included), so
+    the merged tensor itself becomes the kernel's finiteness probe.  (The
+    linear kernels and TIES need no shadow: their dropped entries keep
+    non-finite values, see :func:`mtl.merging.sources.form_taus`.)
+    """
+    shadow = _fold(jnp.add, [(x - x).astype(merged.dtype) for x in [theta0, *raw]])
+    return merged - shadow
 
 
 @fused
 def average_kernel(theta0, taus, raw):
     ct = compute_dtype(theta0.dtype)
-    total = _fold(jnp.add, [t.astype(ct) for t in taus])
-    merged = (theta0.astype(ct) + total / len(taus)).astype(theta0.dtype)
-    return merged, (merged if taus is raw else input_probe(theta0, raw))
+    merged = (theta0.astype(ct) + _fold(jnp.add, [t.astype(ct) for t in taus]) / len(taus)).astype(theta0.dtype)
+    return merged, merged
 
 
 @fused
@@ -89,14 +97,17 @@ def combine_kernel(theta0, taus, raw, coeffs):
     for t, c in zip(taus, coeffs):
         acc = acc + jnp.asarray(c, ct) * t.astype(ct)
     merged = acc.astype(theta0.dtype)
-    return merged, (merged if taus is raw else input_probe(theta0, raw))
+    return merged, merged
 
 
 @fused
 def ties_kernel(theta0, taus, raw, thresholds, lam, *, mode):
     ct = compute_dtype(theta0.dtype)
-    kept = [jnp.where(magnitude(t) >= thresholds[k], t.astype(ct), 0) for k, t in enumerate(taus)]
-    elected = jnp.sign(_fold(jnp.add, kept))  # 0 where the trimmed entries sum to exactly 0
+    # trim: ``where(|τ| < thr, 0, τ)`` drops exactly the entries ``|τ| >= thr`` would not keep, except that a
+    # non-finite τ survives (NaN fails every comparison), so that it reaches ``total`` and the probe below
+    kept = [jnp.where(magnitude(t) < thresholds[k], 0, t.astype(ct)) for k, t in enumerate(taus)]
+    total = _fold(jnp.add, kept)
+    elected = jnp.sign(total)  # 0 where the trimmed entries sum to exactly 0
     agree = [(jnp.sign(x) == elected) & (elected != 0) for x in kept]
     picked = [jnp.where(a, x, 0) for a, x in zip(agree, kept)]
     if mode == "sum":
@@ -106,13 +117,15 @@ def ties_kernel(theta0, taus, raw, thresholds, lam, *, mode):
         merged = _fold(jnp.add, picked) / jnp.maximum(count, 1).astype(ct)
     else:  # "max": the agreeing entry of largest magnitude
         merged = elected * _fold(jnp.maximum, [jnp.abs(x) for x in picked])
-    return (theta0.astype(ct) + lam * merged).astype(theta0.dtype), input_probe(theta0, raw)
+    # ``total − total`` is +0 where every kept τ is finite, NaN where one is not: the merged tensor is its
+    # own finiteness probe (θ0 reaches it directly), bit for bit unchanged where the inputs are finite
+    merged = ((theta0.astype(ct) + lam * merged) - (total - total)).astype(theta0.dtype)
+    return merged, merged
 
 
 @jax.jit
-def _dare_kernel(tau, key, keep_prob, scale):
-    keep = jax.random.bernoulli(key, keep_prob, tau.shape)
-    return jnp.where(keep, tau * scale, 0).astype(tau.dtype)
+def _dare_kernel(tau, w, thresh, scale):
+    return jnp.where(dare_mask.keep_mask(tau.shape, w, thresh), tau * scale, 0).astype(tau.dtype)
 
 
 # ---------------------------------------------------------------- cores (path by path)
@@ -301,21 +314,28 @@ def ties(pretrained: PyTree, task_vectors: Sequence[PyTree], *, k: float = 20.0,
 def dare(task_vectors: Sequence[PyTree], p: float = 0.5, key=None, *, seed: int = 0) -> list[PyTree]:
     """DARE: drop each entry with probability ``p``, rescale survivors by ``1/(1-p)``.
 
-    Task ``k``'s tensor at ``path`` uses the key :func:`path_key` ``(key, k,
-    path)``; ``key`` defaults to ``jax.random.key(seed)``.  Excluded (None)
-    entries stay None.
+    Task ``k``'s tensor at ``path`` draws its mask from the key :func:`path_key`
+    ``(key, k, path)`` (the counter-based hash of :mod:`mtl.merging.dare_mask`);
+    ``key`` defaults to ``jax.random.key(seed)``.  Excluded (None) entries stay None.
     """
     if not 0 <= p < 1:
         raise ValueError(f"DARE drop probability p must be in [0, 1), got {p}")
-    key = _as_key(key, seed)
-    keep_prob, scale = 1.0 - p, 1.0 / (1.0 - p)
+    spec = DropSpec(_as_key(key, seed), 1.0 - p, 1.0 / (1.0 - p))
+    flats = [flatten(tv) for tv in task_vectors]
+    drops: dict = {}  # path -> the mask arguments of all K tasks, computed once
     out = []
-    for k, tv in enumerate(task_vectors):
-        flat = flatten(tv)
-        out.append(jax.tree_util.tree_unflatten(
-            jax.tree_util.tree_structure(tv, is_leaf=lambda x: x is None),
-            [None if t is None else _dare_kernel(t, path_key(key, k, path), keep_prob, scale)
-             for path, t in flat.items()]))
+    for k, (tv, flat) in enumerate(zip(task_vectors, flats)):
+        leaves = []
+        for path, t in flat.items():
+            if t is None:
+                leaves.append(None)
+                continue
+            if path not in drops:
+                drops[path] = spec.at(path, len(flats))
+            w, thresh, scale = drops[path]
+            leaves.append(_dare_kernel(t, w[k], thresh, scale))
+        out.append(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tv, is_leaf=lambda x: x is None),
+                                                leaves))
     return out
 
 
