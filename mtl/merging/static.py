@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl.merging import dare_mask
 from mtl.merging.sources import DropSpec, MergeInputs, form_taus, kernel_flags, run_tree
 from mtl.merging.topk import kth_largest_magnitudes, magnitude, num_keep, ties_thresholds_of
 from mtl.merging.tree import PyTree, check_compatible, flatten
@@ -125,7 +124,8 @@ def ties_kernel(theta0, taus, raw, thresholds, lam, *, mode):
 
 @jax.jit
 def _dare_kernel(tau, w, thresh, scale):
-    return jnp.where(dare_mask.keep_mask(tau.shape, w, thresh), tau * scale, 0).astype(tau.dtype)
+    """One task vector's tensor after DARE's drop: the fused kernels' own drop (``form_taus``), materialised."""
+    return form_taus(None, [tau], False, (w[None], thresh, scale))[1][0]
 
 
 # ---------------------------------------------------------------- cores (path by path)
