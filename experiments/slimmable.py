@@ -90,9 +90,15 @@ def one_seed(args, seed, log):
     out = {"front": {}, "control": {}}
     for name, (only, cikd) in wds.items():
         wd = os.path.join(root, name.replace(" ", "_").replace("+", "_"))
-        t0 = time.time()
-        run(variant_config(args, seed, name, only, cikd), wd, overwrite=True)
-        log(f"[seed {seed}] trained {name} in {time.time() - t0:.0f} s")
+        cfg = variant_config(args, seed, name, only, cikd)
+        marker = os.path.join(wd, "experiment_done.json")   # a stopped sweep keeps its trained models
+        if os.path.exists(marker) and json.load(open(marker)).get("config") == cfg.to_json():
+            log(f"[seed {seed}] reusing trained {name} ({wd})")
+        else:
+            t0 = time.time()
+            run(cfg, wd, overwrite=True)
+            log(f"[seed {seed}] trained {name} in {time.time() - t0:.0f} s")
+            _write_atomic(marker, json.dumps({"config": cfg.to_json()}))
         wds[name] = wd
     steps, model, cfg, bundle = runs.load_run(wds[f"fixed {max(args.widths)}"])
     tasks = list(model.task_names)
