@@ -222,3 +222,21 @@ def test_bf16_params_keep_dtype():
     for name in ("task_arithmetic", "ties"):
         out = mm.MERGERS[name](pre16, tvs16)
         assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out)), name
+
+
+def test_method_modules_do_not_import_the_registry():
+    """The registry imports the methods; no method module imports the registry (no import circle)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(mm.__file__).parent
+    for name in ("static", "fisher", "regmean", "topk", "sources", "tree", "adaptive", "dare_mask", "twin"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert "mtl.merging.registry" not in imported, name
+        # `from mtl.merging import X` is allowed only for submodules other than the registry
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module == "mtl.merging":
+                for a in n.names:
+                    assert a.name != "registry" and (root / f"{a.name}.py").exists(), (name, a.name)

@@ -39,10 +39,10 @@ Documented choices (details in each module):
 from mtl.merging.adaptive import (AdaptiveMerge, adamerging, apply_from_graphdef, atlas, load_coeffs,
                                   save_coeffs, stack_task_vectors, ties_masked_vectors)
 from mtl.merging.fisher import estimate_fisher, fisher
-from mtl.merging.registry import CORES, MERGERS, get_core, get_merger
+from mtl.merging.registry import CORES, MERGERS, dare_merge, get_core, get_merger
 from mtl.merging.regmean import gram, regmean
 from mtl.merging.sources import DictSource, MergeInputs, Source, as_source
-from mtl.merging.static import (average, average_models, combine, dare, dare_merge, layerwise_coeffs,
+from mtl.merging.static import (average, average_models, combine, dare, layerwise_coeffs,
                                 task_arithmetic, ties, ties_thresholds)
 from mtl.merging.stream import merge_stream
 from mtl.merging.twin import TwinMerge, train_router

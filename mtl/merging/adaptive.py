@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl.merging.static import ties_thresholds
 from mtl.merging.topk import magnitude
 from mtl.merging.tree import PyTree, flatten, unflatten
 
@@ -87,8 +88,6 @@ def ties_masked_vectors(task_vectors: Sequence[PyTree], k: float = 20.0) -> list
     threshold (:func:`mtl.merging.ties_thresholds`) and ``s`` the elected
     sign of the trimmed sum; ``Σ_k τ̂_k / n_agree`` would be TIES' mean merge.
     """
-    from mtl.merging.static import ties_thresholds
-
     thr = ties_thresholds(task_vectors, k)
     flats = [flatten(t) for t in task_vectors]
     out = [dict() for _ in flats]

@@ -30,7 +30,7 @@ from mtl.merging.tree import PyTree, check_compatible, flatten
 
 __all__ = [
     "average", "average_models", "task_arithmetic", "combine", "layerwise_coeffs",
-    "ties", "ties_thresholds", "dare", "dare_merge", "TIES_MODES",
+    "ties", "ties_thresholds", "dare", "TIES_MODES",
 ]
 
 TIES_MODES = ("mean", "sum", "max")
@@ -228,14 +228,13 @@ def _dare_inputs(inp: MergeInputs, p: float, key) -> MergeInputs:
     return dataclasses.replace(inp, drop=DropSpec(key, 1.0 - p, 1.0 / (1.0 - p)))
 
 
-def dare_core(inp: MergeInputs, *, p: float = 0.5, seed: int = 0, key=None, then: str = "task_arithmetic",
-              **then_hparams):
-    from mtl.merging.registry import get_core  # registry imports this module
+def dare_core(inp: MergeInputs, *, p: float = 0.5, seed: int = 0, key=None, then):
+    """DARE's drop (probability ``p``) fused into the kernels of the resolved core ``then``.
 
-    if then == "dare":
-        raise ValueError("DARE cannot be followed by DARE")
-    core = get_core(then, **then_hparams)
-    yield from core(_dare_inputs(inp, p, _as_key(key, seed)))
+    ``then`` is a core (``inputs -> iterator of (path, tensor)``); to name it, use
+    ``mtl.merging.get_core("dare", then="ties", ...)``, which resolves the name.
+    """
+    yield from then(_dare_inputs(inp, p, _as_key(key, seed)))
 
 
 # ---------------------------------------------------------------- public pytree API
@@ -337,13 +336,3 @@ def dare(task_vectors: Sequence[PyTree], p: float = 0.5, key=None, *, seed: int 
         out.append(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tv, is_leaf=lambda x: x is None),
                                                 leaves))
     return out
-
-
-def dare_merge(pretrained: PyTree, task_vectors: Sequence[PyTree], *, p: float = 0.5, seed: int = 0, key=None,
-               then: str = "task_arithmetic", **then_hparams) -> PyTree:
-    """DARE then another merge: ``MERGERS[then](pretrained, dare(task_vectors, p, key), **then_hparams)``.
-
-    ``then`` is ``"task_arithmetic"`` (default), ``"ties"`` (use ``k=100`` to
-    skip TIES' own trim, as in DARE-TIES), ``"average"``, ``"combine"``, ...
-    """
-    return run_tree(dare_core, pretrained, task_vectors, p=p, seed=seed, key=key, then=then, **then_hparams)
