@@ -8,7 +8,7 @@ from flax import nnx
 
 from mtl.nn import stages as S
 from mtl.nn.branching import LearnToBranch, branch_weights
-from mtl.nn.encoders import CNN, MLP
+from mtl.nn.encoders import CNN, MLP, ViT
 from mtl.nn.moe.dselect import DSelectK, binary_codes, smooth_step
 from mtl.nn.soft_sharing import MTAN, CrossStitch
 from random_models import build
@@ -45,8 +45,41 @@ def test_stages_reproduce_the_cnn_and_mlp_encoders():
             assert h.shape[-1] == s.channels
         np.testing.assert_allclose(S.pool(enc, h), enc(jnp.asarray(xin)), rtol=1e-5, atol=1e-6)
     assert [s.stride for s in S.stages(build(lambda: CNN((8, 8, 3), (4, 8, 8), rngs=nnx.Rngs(0))))] == [1, 1, 2, 2]
-    with pytest.raises(ValueError, match="'mlp' or 'cnn'"):
+    with pytest.raises(ValueError, match="'mlp', 'cnn' or 'vit'"):
         S.stages(object())
+
+
+def vit(rngs, pool="cls", pre_norm=False, depth=3):
+    return ViT((8, 8, 3), patch=4, dim=8, depth=depth, num_heads=2, pool=pool, pre_norm=pre_norm, rngs=rngs)
+
+
+@pytest.mark.parametrize("pool,pre_norm", [("cls", False), ("mean", True)])
+def test_stages_reproduce_the_vit(pool, pre_norm):
+    enc = build(lambda: vit(nnx.Rngs(0), pool, pre_norm))
+    x = jnp.asarray(x_batch(2, shape=(8, 8, 3)))
+    h = S.prepare(enc, x)
+    assert h.shape == (2, 5, 8)                      # class token + 4 patches
+    for s in S.stages(enc):
+        u, h = S.run_stage(enc, s.index, h)
+        blk = enc.blocks[s.index]                    # u: after attention; p: after the MLP as well
+        np.testing.assert_allclose(h, u + blk.mlp(blk.norm2(u)), rtol=1e-6, atol=1e-6)
+    assert len(S.stages(enc)) == 3 and all(s.channels == 8 for s in S.stages(enc))
+    np.testing.assert_allclose(S.pool(enc, h), enc(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cross_stitch_on_vit_mixes_token_streams_between_blocks():
+    cs = build(lambda: CrossStitch(lambda r: vit(r), NAMES, rngs=nnx.Rngs(0)))
+    alpha = np.random.default_rng(3).dirichlet(np.ones(3), size=(2, 3)).astype(np.float32)   # [units, T, T]
+    cs.alpha[...] = jnp.asarray(alpha)
+    x = jnp.asarray(x_batch(2, shape=(8, 8, 3)))
+    feats, _ = cs(x)
+    hs = [c.tokens(x) for c in cs.columns]           # reference: each column's own blocks, mixed by hand
+    for i in range(3):
+        hs = [c.blocks[i](h) for c, h in zip(cs.columns, hs)]
+        if i < 2:
+            hs = [sum(alpha[i, t, s] * hs[s] for s in range(3)) for t in range(3)]
+    for t, name in enumerate(NAMES):
+        np.testing.assert_allclose(feats[name], cs.columns[t].norm(hs[t])[:, 0], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- cross-stitch
@@ -106,6 +139,22 @@ def test_mtan_on_cnn_masks_the_shared_stage_outputs():
     for t in NAMES[:2]:
         np.testing.assert_allclose(feats[t], m.encoder(x), rtol=1e-5, atol=1e-6)
         assert feats[t].shape == (2, 8)
+
+
+def test_mtan_on_vit_masks_the_shared_block_outputs():
+    """ViT: attention forced open gives the shared ViT's output for every task; forced shut
+    (sigmoid -> 0) gives the final norm of zero tokens, i.e. the norm's bias."""
+    m = build(lambda: MTAN(vit(nnx.Rngs(0)), NAMES[:2], rngs=nnx.Rngs(1)))
+    x = jnp.asarray(x_batch(2, shape=(8, 8, 3)))
+    for value in (50.0, -50.0):
+        for t in NAMES[:2]:
+            for att in m.attention[t]:
+                att.w2.kernel[...] = jnp.zeros_like(att.w2.kernel[...])
+                att.w2.bias[...] = jnp.full_like(att.w2.bias[...], value)
+        feats, _ = m(x)
+        want = m.encoder(x) if value > 0 else jnp.broadcast_to(m.encoder.norm.bias[...], (2, 8))
+        for t in NAMES[:2]:
+            np.testing.assert_allclose(feats[t], want, rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- DSelect-k

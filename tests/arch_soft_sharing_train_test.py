@@ -20,9 +20,12 @@ def cfg(arch, encoder, **kw):
             "arch_kwargs": kw.pop("arch_kwargs", {})}
 
 
+VIT = dict(patch=4, dim=8, depth=2, num_heads=2)
 CASES = {
     "cross_stitch_cnn": (cfg("cross_stitch", "cnn", encoder_kwargs=dict(widths=(4, 8), groups=2)), (8, 8, 1)),
     "mtan_cnn": (cfg("mtan", "cnn", encoder_kwargs=dict(widths=(4, 8), groups=2)), (8, 8, 1)),
+    "cross_stitch_vit": (cfg("cross_stitch", "vit", encoder_kwargs=VIT), (8, 8, 1)),
+    "mtan_vit": (cfg("mtan", "vit", encoder_kwargs=VIT), (8, 8, 1)),
     "dselect_k_mlp": (cfg("dselect_k", "none", arch_kwargs=dict(num_experts=4, num_nonzeros=2, expert_dim=8,
                                                                  entropy_weight=0.01)), (6,)),
     "ltb_mlp": (cfg("ltb", "mlp", encoder_kwargs=dict(hidden=(8, 8)), arch_kwargs=dict(warmup_steps=2)), (6,)),

@@ -1,6 +1,6 @@
 """Learning to Branch (Guo et al., ICML 2020): a learned tree of per-task columns.
 
-One backbone column per task (``mlp`` or ``cnn``, :mod:`mtl.nn.stages`). Stage 0 of every
+One backbone column per task (``mlp``, ``cnn`` or ``vit``, :mod:`mtl.nn.stages`). Stage 0 of every
 column reads the input; stage ``l > 0`` of column t reads ONE of the T columns' stage
 ``l - 1`` outputs, chosen by the branching logits ``alpha[l - 1, t, :]`` (init 0: every
 parent equally likely). Columns that pick the same parents compute the same function,

@@ -129,7 +129,7 @@ def lm_factory(model_cfg, tasks: Sequence[Task], input_shape) -> Callable:
 
 
 def stagewise_factory(name: str) -> Callable:
-    """Per-task representations over the stages of ``model.encoder`` (``mlp`` or ``cnn``, with
+    """Per-task representations over the stages of ``model.encoder`` (``mlp``, ``cnn`` or ``vit``, with
     ``encoder_kwargs``): ``cross_stitch`` and ``ltb`` build one column per task, ``mtan`` one
     shared backbone with per-task attention (:mod:`mtl.nn.soft_sharing`, :mod:`mtl.nn.branching`);
     ``model.arch_kwargs`` are the architecture's options."""

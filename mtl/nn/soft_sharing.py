@@ -1,6 +1,6 @@
 """Soft parameter sharing between per-task representations: cross-stitch and MTAN.
 
-Both act between the stages of an ``mlp`` or ``cnn`` backbone (:mod:`mtl.nn.stages`) and
+Both act between the stages of an ``mlp``, ``cnn`` or ``vit`` backbone (:mod:`mtl.nn.stages`) and
 give each task its own features ``{task: [B, out_features]}``; :class:`PerTaskFeaturesModel`
 puts the task heads on them (``model.arch="cross_stitch"`` / ``"mtan"``).
 
@@ -79,7 +79,7 @@ class _Attention(nnx.Module):
 
 
 class MTAN(nnx.Module):
-    """Shared ``encoder`` (``mlp`` or ``cnn``) with per-task attention masks per stage."""
+    """Shared ``encoder`` (``mlp``, ``cnn`` or ``vit``) with per-task attention masks per stage."""
 
     def __init__(self, encoder: nnx.Module, tasks: Sequence, *, rngs: nnx.Rngs):
         self.task_names = _names(tasks)

@@ -1,12 +1,16 @@
 """A backbone seen as a sequence of stages, for architectures that act between layers
 (cross-stitch, MTAN, learning-to-branch).
 
-``stages(encoder)`` describes an ``MLP`` or ``CNN`` encoder as ``Stage``s; stage ``i`` maps
-the previous stage's output to ``(u, p)``: ``p`` its output and ``u`` an intermediate
-activation (MTAN's attention reads it; ``u is p`` where a stage has one layer). Before the
-first stage the input goes through ``prepare`` (MLP: flatten), after the last through
-``pool`` (CNN: global average). Stage outputs are ``[B, C]`` (MLP) or ``[B, H, W, C]``
-(CNN); ``Stage.channels`` is ``C``, ``Stage.stride`` the stage's spatial stride.
+``stages(encoder)`` describes an ``MLP``, ``CNN`` or ``ViT`` encoder as ``Stage``s; stage
+``i`` maps the previous stage's output to ``(u, p)``: ``p`` its output and ``u`` an
+intermediate activation (MTAN's attention reads it; ``u is p`` where a stage has one layer).
+Before the first stage the input goes through ``prepare`` (MLP: flatten; ViT: patch
+embedding, class token, positions and the optional pre-norm), after the last through
+``pool`` (CNN: global average; ViT: final norm, then the encoder's own ``pool``). Stage
+outputs are ``[B, C]`` (MLP), ``[B, H, W, C]`` (CNN) or ``[B, N, C]`` tokens (ViT);
+``Stage.channels`` is ``C``, ``Stage.stride`` the stage's spatial stride. A ViT stage is one
+transformer block, with ``u`` the residual stream after its attention and ``p`` after its
+MLP, so running every stage reproduces ``ViT.__call__`` exactly.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import dataclasses
 import jax
 from flax import nnx
 
-from mtl.nn.encoders import CNN, MLP
+from mtl.nn.encoders import CNN, MLP, ViT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +39,9 @@ def stages(encoder: nnx.Module) -> tuple[Stage, ...]:
         first = Stage(0, int(encoder.stem.out_features))
         return (first,) + tuple(Stage(i + 1, int(b.conv1.out_features), _stride(b.conv1.strides))
                                 for i, b in enumerate(encoder.blocks))
-    raise ValueError(f"stage-wise architectures need an 'mlp' or 'cnn' encoder; got {type(encoder).__name__}")
+    if isinstance(encoder, ViT):
+        return tuple(Stage(i, int(encoder.out_features)) for i in range(len(encoder.blocks)))
+    raise ValueError(f"stage-wise architectures need an 'mlp', 'cnn' or 'vit' encoder; got {type(encoder).__name__}")
 
 
 def is_conv(encoder) -> bool:
@@ -43,11 +49,23 @@ def is_conv(encoder) -> bool:
 
 
 def prepare(encoder, x):
-    return x.reshape(x.shape[0], -1) if isinstance(encoder, MLP) else x
+    if isinstance(encoder, MLP):
+        return x.reshape(x.shape[0], -1)
+    if isinstance(encoder, ViT):
+        h = encoder.tokens(x)
+        return h if encoder.pre_norm is None else encoder.pre_norm(h)
+    return x
 
 
 def pool(encoder, p):
-    return p.mean(axis=(1, 2)) if isinstance(encoder, CNN) else p
+    if isinstance(encoder, CNN):
+        return p.mean(axis=(1, 2))
+    if isinstance(encoder, ViT):
+        p = encoder.norm(p)
+        if encoder.pool == "cls":
+            return p[:, 0]
+        return p[:, 1:].mean(axis=1) if encoder.pool == "mean" else p
+    return p
 
 
 def run_stage(encoder, i: int, x):
@@ -55,6 +73,10 @@ def run_stage(encoder, i: int, x):
     if isinstance(encoder, MLP):
         p = jax.nn.relu(encoder.layers[i](x))
         return p, p
+    if isinstance(encoder, ViT):
+        b = encoder.blocks[i]
+        u = x + b.attn(b.norm1(x))
+        return u, u + b.mlp(b.norm2(u))
     if i == 0:
         p = jax.nn.relu(encoder.stem(x))
         return p, p
