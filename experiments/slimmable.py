@@ -62,7 +62,10 @@ def variant_config(args, seed, name, only=None, cikd=1.0):
 def test_losses(steps, model, bundle, cfg, widths):
     from mtl.nn.slimmable import runs
 
+    import jax
+
     res = runs.evaluate_at(steps, model, bundle.test, int(cfg.train.eval_batch_size), widths)
+    jax.clear_caches()   # one program per width configuration: keep the process's memory maps bounded
     return {t: d["loss"] for t, d in res.items()}
 
 
@@ -92,7 +95,7 @@ def one_seed(args, seed, log):
         wd = os.path.join(root, name.replace(" ", "_").replace("+", "_"))
         cfg = variant_config(args, seed, name, only, cikd)
         marker = os.path.join(wd, "experiment_done.json")   # a stopped sweep keeps its trained models
-        if os.path.exists(marker) and json.load(open(marker)).get("config") == cfg.to_json():
+        if os.path.exists(marker) and _read_json(marker).get("config") == cfg.to_json():
             log(f"[seed {seed}] reusing trained {name} ({wd})")
         else:
             t0 = time.time()
@@ -235,6 +238,11 @@ def main(argv=None):
                       json.dumps({"args": vars(a), "seeds_done": a.seeds[:len(results)], "results": results}, indent=1))
     print(text)
     print("wrote", plot(results, png))
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _write_atomic(path, text):

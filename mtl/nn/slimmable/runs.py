@@ -80,12 +80,18 @@ def evaluate_at(steps, model, src, batch_size: int, widths: WidthConfig, _fn=Non
 
 
 def measure(steps, model, src, batch_size: int, input_shape, configs: Sequence[WidthConfig], log=None) -> dict:
-    """Table entries ``{key: {widths, flops (per example), val}}`` of ``configs``."""
-    fn = _eval_fn(steps.tasks)
+    """Table entries ``{key: {widths, flops (per example), val}}`` of ``configs``.
+
+    Every configuration is its own compiled program, and XLA:CPU keeps ~120 memory maps per
+    configuration's programs (measured on the slimmable CNN), so a few hundred configurations
+    in one process would reach the kernel's ``vm.max_map_count`` (65530 by default) and
+    crash. JAX's compilation caches are therefore cleared after each configuration: programs
+    compiled before the call are compiled again when next used."""
     out = {}
     for i, cfg in enumerate(configs):
-        val = evaluate_at(steps, model, src, batch_size, cfg, fn)
+        val = evaluate_at(steps, model, src, batch_size, cfg, _eval_fn(steps.tasks))
         out[key_of(cfg)] = {"widths": cfg.to_json(), "flops": cost.flops(model, cfg, input_shape), "val": val}
+        jax.clear_caches()
         if log:
             log(f"  [{i + 1}/{len(configs)}] {cfg.to_json()}: {out[key_of(cfg)]['flops'] / 1e6:.3f} MFLOPs")
     return out
