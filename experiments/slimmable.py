@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -118,7 +119,7 @@ def one_seed(args, seed, log):
     prefs = [dict(zip(tasks, p)) for p in rng.dirichlet(np.ones(len(tasks)), args.prefs)]
     for name in ("sandwich+cikd", "sandwich"):
         steps, model, cfg, bundle = runs.load_run(wds[name])
-        table = runs.build_table(wds[name], preferences=prefs, log=lambda *_: None)
+        table = runs.build_table(wds[name], preferences=prefs, log=_every(32, f"[seed {seed}] {name} table:", log))
         full = max(e["flops"] for e in table.entries.values())
         cache = {}
         for frac in args.budgets:
@@ -238,6 +239,22 @@ def main(argv=None):
                       json.dumps({"args": vars(a), "seeds_done": a.seeds[:len(results)], "results": results}, indent=1))
     print(text)
     print("wrote", plot(results, png))
+
+
+def _every(n: int, prefix: str, log):
+    """A logger for ``measure``'s per-configuration lines that passes on the first line and
+    every ``n``-th configuration (progress of the lookup table without 256 lines)."""
+    count = {"i": 0}
+
+    def f(msg, *_):
+        msg = str(msg).strip()
+        if not re.match(r"\[\d+/\d+\]", msg):   # the header ("measuring N configurations ...")
+            log(f"{prefix} {msg}")
+            return
+        count["i"] += 1
+        if count["i"] % n == 0:
+            log(f"{prefix} {msg.split(']')[0]}] configurations measured")
+    return f
 
 
 def _read_json(path):
