@@ -119,7 +119,7 @@ def one_seed(args, seed, log):
     prefs = [dict(zip(tasks, p)) for p in rng.dirichlet(np.ones(len(tasks)), args.prefs)]
     for name in ("sandwich+cikd", "sandwich"):
         steps, model, cfg, bundle = runs.load_run(wds[name])
-        table = runs.build_table(wds[name], preferences=prefs, log=_every(32, f"[seed {seed}] {name} table:", log))
+        table = _table(wds[name], prefs, log=_every(32, f"[seed {seed}] {name} table:", log))
         full = max(e["flops"] for e in table.entries.values())
         cache = {}
         for frac in args.budgets:
@@ -239,6 +239,25 @@ def main(argv=None):
                       json.dumps({"args": vars(a), "seeds_done": a.seeds[:len(results)], "results": results}, indent=1))
     print(text)
     print("wrote", plot(results, png))
+
+
+def _table(wd, prefs, log):
+    """The run's lookup table for ``prefs``: ``RUN/slim_table.json`` when it was built on the
+    run's best parameters for every one of these preferences (a stopped sweep keeps its
+    tables: a CNN table takes ~30-60 min here), else measured now."""
+    from mtl.nn.slimmable import runs
+    from mtl.nn.slimmable.search import TABLE_FILE, SlimTable
+
+    def key(p):
+        return tuple(sorted((t, round(float(v), 12)) for t, v in p.items()))
+    path = os.path.join(wd, TABLE_FILE)
+    if os.path.exists(path):
+        table = SlimTable.load(path)
+        saved = {key(g["preference"]) for g in table.grid}
+        if table.meta.get("which", "best") == "best" and all(key(p) in saved for p in prefs):
+            log(f"reusing {path}")
+            return table
+    return runs.build_table(wd, preferences=prefs, log=log)
 
 
 def _every(n: int, prefix: str, log):
