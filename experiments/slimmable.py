@@ -82,16 +82,14 @@ def spearman(a, b):
     return float(spearmanr(a, b).statistic)
 
 
-def one_seed(args, seed, log):
-    from mtl.nn.slimmable import WidthConfig, cost, runs
-    from mtl.nn.slimmable.search import key_of, search
+def train_seed(args, seed, log) -> dict:
+    """Train (or reuse) the seed's models: ``{model name: workdir}``."""
     from mtl.train.loop import run
 
     root = os.path.join(args.root, f"seed{seed}")
     wds = {"sandwich+cikd": (None, 1.0), "sandwich": (None, 0.0)}
     for w in args.widths:
         wds[f"fixed {w}"] = (w, 0.0)
-    out = {"front": {}, "control": {}}
     for name, (only, cikd) in wds.items():
         wd = os.path.join(root, name.replace(" ", "_").replace("+", "_"))
         cfg = variant_config(args, seed, name, only, cikd)
@@ -104,6 +102,44 @@ def one_seed(args, seed, log):
             log(f"[seed {seed}] trained {name} in {time.time() - t0:.0f} s")
             _write_atomic(marker, json.dumps({"config": cfg.to_json()}))
         wds[name] = wd
+    return wds
+
+
+TABLE_MODELS = ("sandwich+cikd", "sandwich")   # the models whose lookup tables are searched
+
+
+def preferences(args, seed, tasks) -> list:
+    """The seed's ``--prefs`` preferences, drawn from a flat Dirichlet."""
+    rng = np.random.default_rng(seed)
+    return [dict(zip(tasks, map(float, p))) for p in rng.dirichlet(np.ones(len(tasks)), args.prefs)]
+
+
+def ensure_tables(args, seeds, log) -> None:
+    """Build the lookup tables the seeds' analyses need, all in one measurement: every width
+    configuration is compiled once for all the runs (``runs.build_tables``), instead of once
+    per run (a CNN table alone took ~30-60 min here). Tables already saved are kept."""
+    from mtl.nn.slimmable import runs
+
+    need, prefs = [], []
+    for seed in seeds:
+        wds = train_seed(args, seed, log)
+        tasks = list(runs.load_run(wds[TABLE_MODELS[0]])[1].task_names)
+        ps = preferences(args, seed, tasks)
+        missing = [wds[n] for n in TABLE_MODELS if _saved_table(wds[n], ps) is None]
+        if missing:
+            need += missing
+            prefs += [p for p in ps if p not in prefs]
+    if need:
+        log(f"building {len(need)} lookup tables together: {need}")
+        runs.build_tables(need, preferences=prefs, log=_every(32, "[tables]", log))
+
+
+def one_seed(args, seed, log):
+    from mtl.nn.slimmable import WidthConfig, cost, runs
+    from mtl.nn.slimmable.search import key_of, search
+
+    wds = train_seed(args, seed, log)
+    out = {"front": {}, "control": {}}
     steps, model, cfg, bundle = runs.load_run(wds[f"fixed {max(args.widths)}"])
     tasks = list(model.task_names)
     ref = test_losses(steps, model, bundle, cfg, model.widest)
@@ -115,9 +151,8 @@ def one_seed(args, seed, log):
             fl = cost.flops(model, cfg_w, bundle.input_shape)
             out["front"].setdefault(name, []).append(
                 {"width": w, "mflops": fl / 1e6, "delta_m": delta_m(test_losses(steps, model, bundle, cfg, cfg_w), ref)})
-    rng = np.random.default_rng(seed)
-    prefs = [dict(zip(tasks, p)) for p in rng.dirichlet(np.ones(len(tasks)), args.prefs)]
-    for name in ("sandwich+cikd", "sandwich"):
+    prefs = preferences(args, seed, tasks)
+    for name in TABLE_MODELS:
         steps, model, cfg, bundle = runs.load_run(wds[name])
         table = _table(wds[name], prefs, log=_every(32, f"[seed {seed}] {name} table:", log))
         full = max(e["flops"] for e in table.entries.values())
@@ -221,6 +256,10 @@ def main(argv=None):
     p.add_argument("--root", default="runs/slimmable_exp")
     p.add_argument("--out", default="experiments/results/slimmable.md")
     p.add_argument("--plot-only", action="store_true", help="redraw the plot from --out's .json, train nothing")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or reuse) the seeds' models and stop: no tables, no report (e.g. one seed per core)")
+    p.add_argument("--tables-only", action="store_true",
+                   help="train (or reuse) the seeds' models, build their lookup tables and stop: no report")
     a = p.parse_args(argv)
     png = os.path.splitext(a.out)[0] + ".png"
     if a.plot_only:
@@ -231,6 +270,16 @@ def main(argv=None):
         a.seeds, a.steps, a.encoder, a.n_train, a.n_test, a.prefs = [0], 40, "mlp", 600, 200, 10
     t0 = time.time()
     results = []
+    log = lambda m: print(m, flush=True)  # noqa: E731
+    if a.train_only:
+        for s in a.seeds:
+            train_seed(a, s, log)
+        return
+    todo = [s for s in a.seeds if _cached_result(a, s, log) is None]
+    if todo:   # train every seed first, then measure all their tables together
+        ensure_tables(a, todo, log)
+    if a.tables_only:
+        return
     for s in a.seeds:
         results.append(seed_result(a, s, lambda m: print(m, flush=True)))
         text = report(a, results, time.time() - t0)   # rewritten after every seed: a stopped sweep keeps its seeds
@@ -241,11 +290,9 @@ def main(argv=None):
     print("wrote", plot(results, png))
 
 
-def _table(wd, prefs, log):
-    """The run's lookup table for ``prefs``: ``RUN/slim_table.json`` when it was built on the
-    run's best parameters for every one of these preferences (a stopped sweep keeps its
-    tables: a CNN table takes ~30-60 min here), else measured now."""
-    from mtl.nn.slimmable import runs
+def _saved_table(wd, prefs):
+    """``RUN/slim_table.json`` when it was built on the run's best parameters for every one of
+    ``prefs`` (a stopped sweep keeps its tables), else None."""
     from mtl.nn.slimmable.search import TABLE_FILE, SlimTable
 
     def key(p):
@@ -255,8 +302,18 @@ def _table(wd, prefs, log):
         table = SlimTable.load(path)
         saved = {key(g["preference"]) for g in table.grid}
         if table.meta.get("which", "best") == "best" and all(key(p) in saved for p in prefs):
-            log(f"reusing {path}")
             return table
+    return None
+
+
+def _table(wd, prefs, log):
+    """The run's lookup table for ``prefs``: the saved one (:func:`_saved_table`), else measured now."""
+    from mtl.nn.slimmable import runs
+
+    table = _saved_table(wd, prefs)
+    if table is not None:
+        log(f"reusing {wd}'s lookup table")
+        return table
     return runs.build_table(wd, preferences=prefs, log=log)
 
 
@@ -288,29 +345,38 @@ def _write_atomic(path, text):
     os.replace(path + ".tmp", path)
 
 
-def seed_result(args, seed, log):
-    """``one_seed``'s result, cached in ``ROOT/seedN/result.json`` together with the settings
-    it was computed with, and read back from the report's JSON (``--out``'s ``.json``, kept
-    in the repo): rerunning the sweep skips the seeds already done with the same settings."""
-    path = os.path.join(args.root, f"seed{seed}", "result.json")
+def _settings(args) -> dict:
     keys = ("steps", "encoder", "widths", "n_train", "n_test", "prefs", "budgets")
-    settings = {k: getattr(args, k) for k in keys}
-    out_json = os.path.splitext(args.out)[0] + ".json"   # the report's JSON (kept in the repo)
+    return json.loads(json.dumps({k: getattr(args, k) for k in keys}))
+
+
+def _cached_result(args, seed, log):
+    """The seed's result computed before with the same settings, or None: from the report's
+    JSON (``--out``'s ``.json``, kept in the repo), else ``ROOT/seedN/result.json``."""
+    out_json = os.path.splitext(args.out)[0] + ".json"
     if os.path.exists(out_json):
-        with open(out_json) as f:
-            prev = json.load(f)
-        same = {k: prev.get("args", {}).get(k) for k in keys} == json.loads(json.dumps(settings))
-        if same and seed in prev.get("seeds_done", []):
+        prev = _read_json(out_json)
+        if {k: prev.get("args", {}).get(k) for k in _settings(args)} == _settings(args) \
+                and seed in prev.get("seeds_done", []):
             log(f"[seed {seed}] reusing {out_json}")
             return prev["results"][prev["seeds_done"].index(seed)]
+    path = os.path.join(args.root, f"seed{seed}", "result.json")
     if os.path.exists(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("settings") == json.loads(json.dumps(settings)):
+        cached = _read_json(path)
+        if cached.get("settings") == _settings(args):
             log(f"[seed {seed}] reusing {path}")
             return cached["result"]
-    out = one_seed(args, seed, log)
-    _write_atomic(path, json.dumps({"settings": settings, "result": out}, indent=1))
+    return None
+
+
+def seed_result(args, seed, log):
+    """``one_seed``'s result, cached in ``ROOT/seedN/result.json`` with the settings it was
+    computed with: rerunning the sweep skips the seeds already done (:func:`_cached_result`)."""
+    out = _cached_result(args, seed, log)
+    if out is None:
+        out = one_seed(args, seed, log)
+        _write_atomic(os.path.join(args.root, f"seed{seed}", "result.json"),
+                      json.dumps({"settings": _settings(args), "result": out}, indent=1))
     return out
 
 

@@ -197,3 +197,50 @@ def test_measuring_many_configurations_keeps_memory_maps_bounded(runs):
     gc.collect()
     assert len(entries) == 7
     assert maps() - before < 40, maps() - before   # measured: 0 with the release, 164 without
+
+
+def test_tables_of_several_runs_compile_each_configuration_once(runs, tmp_path):
+    """build_tables over two runs of one architecture (another seed and CIKD weight) gives each run the table that
+    build_table gives it alone, compiling every configuration once for both runs; runs of
+    another architecture are refused before anything is written."""
+    import jax
+
+    from mtl.nn.slimmable import runs as slim_runs
+    from mtl.nn.slimmable.search import SlimTable
+
+    c = config()
+    c.seed = c.data.seed = 1
+    c.model.arch_kwargs = dict(c.model.arch_kwargs, sandwich=dict(n=3, pool_size=4, cikd_weight=0.0))
+    c.train.steps = 5
+    other = str(tmp_path / "seed1")
+    run(c, other)
+    names = [t["name"] for t in runs[2]["tasks"]]
+    prefs = [{names[0]: 1.0, names[1]: 1.0}, {names[0]: 2.0, names[1]: 1.0}]
+    compiles = []
+
+    def listen(event, *_, **__):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        alone = [slim_runs.build_table(wd, preferences=prefs, save=False) for wd in (runs[0], other)]
+        n_alone = len(compiles)
+        del compiles[:]
+        together = slim_runs.build_tables([runs[0], other], preferences=prefs, save=False)
+        n_together = len(compiles)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    for a, t in zip(alone, together):
+        assert a.entries == t.entries and a.grid == t.grid
+    assert alone[0].entries != alone[1].entries            # two different models were measured
+    assert 0 < n_together <= n_alone / 2 + 2, (n_together, n_alone)
+
+    wide = config()
+    wide.model.encoder_kwargs = dict(hidden=(24,))
+    wide.train.steps = 2
+    wd = str(tmp_path / "wide")
+    run(wide, wd)
+    before = {d: sorted(os.listdir(d)) for d in (runs[0], wd)}
+    with pytest.raises(ValueError, match="another architecture"):
+        slim_runs.build_tables([runs[0], wd], preferences=prefs)
+    assert {d: sorted(os.listdir(d)) for d in (runs[0], wd)} == before

@@ -127,6 +127,17 @@ class SlimmableMultiTask(TaskHeads, nnx.Module):
         the train step draws one per step (:mod:`mtl.train.forward`)."""
         return self.sandwich.variants(self.widths, self.task_names)
 
+    def inference_key(self) -> str:
+        """A description of everything the forward depends on besides the parameters: two
+        models with the same key compute the same function of their parameters (the training
+        options, ``self.sandwich``, are left out; tasks compare by name, head and metrics)."""
+        spec = self.sandwich
+        self.sandwich = None
+        try:
+            return repr(nnx.graphdef(self))
+        finally:
+            self.sandwich = spec
+
     def at(self, widths) -> "SlimView":
         """This model fixed at one configuration (checked now): ``model.at(cfg)(x)``."""
         return SlimView(self, self.config(widths))

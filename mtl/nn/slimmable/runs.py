@@ -80,20 +80,47 @@ def evaluate_at(steps, model, src, batch_size: int, widths: WidthConfig, _fn=Non
 
 
 def measure(steps, model, src, batch_size: int, input_shape, configs: Sequence[WidthConfig], log=None) -> dict:
-    """Table entries ``{key: {widths, flops (per example), val}}`` of ``configs``.
+    """Table entries ``{key: {widths, flops (per example), val}}`` of ``configs`` (one run:
+    :func:`measure_many`)."""
+    return measure_many(steps, [(model, src)], batch_size, input_shape, configs, log)[0]
 
-    Every configuration is its own compiled program, and XLA:CPU keeps ~120 memory maps per
-    configuration's programs (measured on the slimmable CNN), so a few hundred configurations
-    in one process would reach the kernel's ``vm.max_map_count`` (65530 by default) and
-    crash. JAX's compilation caches are therefore cleared after each configuration: programs
-    compiled before the call are compiled again when next used."""
-    out = {}
+
+def measure_many(steps, runs: Sequence[tuple], batch_size: int, input_shape, configs: Sequence[WidthConfig],
+                 log=None) -> list:
+    """:func:`measure` for several runs of one architecture (``runs``: ``(model, val_src)``
+    pairs, e.g. seeds or training variants of one config): one entries dict per run.
+
+    Every configuration is its own compiled program. Here each configuration is compiled
+    once for all the runs (the parameters are arguments of the program, so runs of the
+    same architecture share it) and its FLOPs are read once: the cost of a table over
+    several runs is one compilation per configuration plus one evaluation per run.
+
+    XLA:CPU keeps ~120 memory maps per configuration's programs (measured on the slimmable
+    CNN), so a few hundred configurations in one process would reach the kernel's
+    ``vm.max_map_count`` (65530 by default) and crash. JAX's compilation caches are
+    therefore cleared after each configuration: programs compiled before the call are
+    compiled again when next used."""
+    runs = list(runs)
+    if not runs:
+        raise ValueError("measure_many needs at least one (model, val_src) run")
+    graphdef = nnx.graphdef(runs[0][0])
+    for i, (m, _) in enumerate(runs[1:], 1):
+        # separately built models never share a graphdef (tasks compare by identity, training
+        # options differ), so the forwards are compared and run i's state is put on run 0's
+        if m.inference_key() != runs[0][0].inference_key():
+            raise ValueError(f"run {i} has another architecture than run 0: one table measurement needs runs of "
+                             "one model config (same encoder, decoders and widths)")
+    runs = [(runs[0][0], runs[0][1])] + [(nnx.merge(graphdef, nnx.state(m)), src) for m, src in runs[1:]]
+    fn = _eval_fn(steps.tasks)
+    out = [{} for _ in runs]
     for i, cfg in enumerate(configs):
-        val = evaluate_at(steps, model, src, batch_size, cfg, _eval_fn(steps.tasks))
-        out[key_of(cfg)] = {"widths": cfg.to_json(), "flops": cost.flops(model, cfg, input_shape), "val": val}
+        fl = cost.flops(runs[0][0], cfg, input_shape)
+        for entries, (m, src) in zip(out, runs):
+            entries[key_of(cfg)] = {"widths": cfg.to_json(), "flops": fl,
+                                    "val": evaluate_at(steps, m, src, batch_size, cfg, fn)}
         jax.clear_caches()
         if log:
-            log(f"  [{i + 1}/{len(configs)}] {cfg.to_json()}: {out[key_of(cfg)]['flops'] / 1e6:.3f} MFLOPs")
+            log(f"  [{i + 1}/{len(configs)}] {cfg.to_json()}: {fl / 1e6:.3f} MFLOPs")
     return out
 
 
@@ -108,28 +135,51 @@ def build_table(workdir: str, which: str = "best", preferences=None, n_budgets: 
     """Measure every candidate of a preference grid on the validation split; write
     ``RUN/slim_table.json`` (atomically, unless ``save=False``) with the chosen configuration
     per budget x preference."""
+    return build_tables([workdir], which, preferences, n_budgets, log, save)[0]
+
+
+def build_tables(workdirs: Sequence[str], which: str = "best", preferences=None, n_budgets: int = 8, log=_log,
+                 save: bool = True) -> list:
+    """:func:`build_table` for several runs of one model config at once (seeds, training
+    variants), each on its own validation split: every configuration is compiled once for
+    all of them (:func:`measure_many`). All runs are loaded and checked before anything is
+    measured or written."""
     from mtl.train.loop import load_data
 
-    steps, model, cfg, bundle = load_run(workdir, which)
-    tasks = list(model.task_names)
+    if not workdirs:
+        raise ValueError("build_tables needs at least one workdir")
+    loaded = [load_run(wd, which) for wd in workdirs]
+    steps, model0, cfg0, bundle0 = loaded[0]
+    tasks = list(model0.task_names)
+    for wd, (_, m, c, b) in zip(workdirs[1:], loaded[1:]):
+        if ((list(m.task_names), tuple(m.widths), tuple(b.input_shape), int(c.train.eval_batch_size))
+                != (tasks, tuple(model0.widths), tuple(bundle0.input_shape), int(cfg0.train.eval_batch_size))):
+            raise ValueError(f"{wd} has other tasks, widths, inputs or eval batch size than {workdirs[0]}: tables are "
+                             "built together only for runs of one model config")
     prefs = [parse_preference(p, tasks) for p in (preferences or default_preferences(tasks))]
-    configs = [model.widest, model.narrowest]  # the objective's reference, the minimum budget
+    configs = [model0.widest, model0.narrowest]  # the objective's reference, the minimum budget
     for p in prefs:
-        configs += [c for c in candidates(p, model.widths) if c not in configs]
-    log(f"[mtl slim] measuring {len(configs)} configurations on the validation split")
-    val_src = load_data(cfg)[3]
-    entries = measure(steps, model, val_src, int(cfg.train.eval_batch_size), bundle.input_shape, configs, log)
-    table = SlimTable(tasks, list(model.widths), entries,
-                      meta={"workdir": os.path.abspath(workdir), "which": which, "split": "val",
-                            "input_shape": list(bundle.input_shape),
-                            "flops": "per example, XLA cost analysis of the compiled forward"})
-    for b in budget_grid([e["flops"] for e in entries.values()], n_budgets):
-        for p in prefs:
-            c = search(table, b, p)
-            table.grid.append({"budget": b, "preference": p, "choice": key_of(c.widths), "objective": c.objective})
-    if save:
-        table.save(os.path.join(workdir, TABLE_FILE))
-    return table
+        configs += [c for c in candidates(p, model0.widths) if c not in configs]
+    log(f"[mtl slim] measuring {len(configs)} configurations on the validation split"
+        + (f" of {len(workdirs)} runs" if len(workdirs) > 1 else ""))
+    srcs = [load_data(c)[3] for _, _, c, _ in loaded]
+    all_entries = measure_many(steps, [(m, src) for (_, m, _, _), src in zip(loaded, srcs)],
+                               int(cfg0.train.eval_batch_size), bundle0.input_shape, configs, log)
+    tables = []
+    for wd, (_, m, _, b), entries in zip(workdirs, loaded, all_entries):
+        table = SlimTable(tasks, list(m.widths), entries,
+                          meta={"workdir": os.path.abspath(wd), "which": which, "split": "val",
+                                "input_shape": list(b.input_shape),
+                                "flops": "per example, XLA cost analysis of the compiled forward"})
+        for bud in budget_grid([e["flops"] for e in entries.values()], n_budgets):
+            for p in prefs:
+                c = search(table, bud, p)
+                table.grid.append({"budget": bud, "preference": p, "choice": key_of(c.widths),
+                                   "objective": c.objective})
+        if save:
+            table.save(os.path.join(wd, TABLE_FILE))
+        tables.append(table)
+    return tables
 
 
 def table_for(workdir: str, which: str = "best", log=_log) -> SlimTable:
