@@ -132,9 +132,11 @@ def _sample(theta0, operands, drop, idx, *, relative):
 
 @functools.partial(jax.jit, static_argnames="relative")
 def _label(theta0, operands, drop, lo, hi, *, relative):
-    """Per task, int8 per entry: 2 above the bracket, 1 inside, 0 below."""
+    """Per task, two boolean masks: entries above the bracket, entries inside it. The host
+    counts and locates them (``np.count_nonzero`` / ``np.flatnonzero`` on a boolean array are
+    several times faster than XLA:CPU's reductions, measured here: ~1 ns vs ~5 ns per entry)."""
     _, taus = form_taus(theta0, operands, relative, drop)
-    return [((b > hi[k]).astype(jnp.int8) + (b >= lo[k]).astype(jnp.int8)) for k, b in enumerate(_bits_of(taus))]
+    return [((b > hi[k]), (b >= lo[k]) & (b <= hi[k])) for k, b in enumerate(_bits_of(taus))]
 
 
 @functools.partial(jax.jit, static_argnames="relative")
@@ -150,14 +152,18 @@ def _stride(n_total: int) -> int:
 
 
 def _bracket(sample: np.ndarray, n_keep: int, n_total: int):
-    """``(lo, hi)`` bit patterns bracketing the ``n_keep``-th largest value, from a sorted (descending) sample."""
+    """``(lo, hi)`` bit patterns bracketing the ``n_keep``-th largest value, from an (unsorted)
+    sample: its ``j_hi``-th and ``j_lo``-th largest entries, ``j ± half`` around the sample
+    position ``j`` of the quantile (two order statistics by ``np.partition``, no sort)."""
     m = sample.size
     q = n_keep / n_total
     j = q * m
     half = 6.0 * math.sqrt(max(m * q * (1 - q), 1.0)) + 16
     j_hi, j_lo = int(math.floor(j - half)), int(math.ceil(j + half))
-    hi = _TOP if j_hi < 0 else sample[j_hi]
-    lo = np.int32(0) if j_lo >= m else sample[j_lo]
+    ks = [m - 1 - i for i in (j_hi, j_lo) if 0 <= i < m]   # descending position i = ascending m - 1 - i
+    part = np.partition(sample, ks) if ks else sample
+    hi = _TOP if j_hi < 0 else part[m - 1 - j_hi]
+    lo = np.int32(0) if j_lo >= m else part[m - 1 - j_lo]
     return lo, hi
 
 
@@ -188,7 +194,7 @@ def ties_thresholds_of(inp: MergeInputs, k: float):
         if idx.size:
             samples.append(_sample(theta0, operands, drop, idx.astype(np.int32), relative=inp.relative))
             del theta0, operands, drop
-    sample = -np.sort(-np.concatenate(jax.device_get(samples), axis=1), axis=1)
+    sample = np.concatenate(jax.device_get(samples), axis=1)
     brackets = [_bracket(sample[t], n_keep, n_total) for t in range(num)]
     lo = np.array([b[0] for b in brackets], np.int32)
     hi = np.array([b[1] for b in brackets], np.int32)
@@ -201,9 +207,9 @@ def ties_thresholds_of(inp: MergeInputs, k: float):
         theta0, operands, drop = reader(p)
         labels = jax.device_get(_label(theta0, operands, drop, lo, hi, relative=inp.relative))
         idx = []
-        for t, lab in enumerate(labels):
-            above[t] += np.count_nonzero(lab == 2)
-            where = np.flatnonzero(lab == 1)
+        for t, (up, mid) in enumerate(labels):
+            above[t] += np.count_nonzero(up)
+            where = np.flatnonzero(mid)
             inside[t] += where.size
             if inside[t] > _MAX_INSIDE:
                 ok[t] = False
