@@ -11,6 +11,7 @@
                     [--map-hf encoder/] [--sequential] [--overwrite]
     mtl generate --workdir DIR --prompt TEXT [--max-new N] [--temperature T] [--batch B] [--which best|last|STEP]
     mtl slim   --workdir DIR|ARTIFACT (--budget 12MFLOPs --preference depth=2,seg=1 | --build-table)
+    mtl slim   --workdir DIR [DIR ...] --build-table      # several runs of one config, measured together
 """
 from __future__ import annotations
 
@@ -89,8 +90,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_slim_parser(sub) -> None:
     s = sub.add_parser("slim", help="slimmable runs: the width configuration for a FLOP budget and task preference")
-    s.add_argument("--workdir", required=True, help="a slimmable run, or an artifact exported from one "
-                   "(answered from the lookup table it carries: no data needed)")
+    s.add_argument("--workdir", required=True, nargs="+", help="a slimmable run, or an artifact exported from one "
+                   "(answered from the lookup table it carries: no data needed); with --build-table, several runs "
+                   "of one model config (seeds, variants) have their tables built together, each configuration "
+                   "compiled once for all")
     s.add_argument("--budget", default="", help="FLOPs per example, e.g. 12MFLOPs")
     s.add_argument("--preference", default="", help="task weights, e.g. depth=2,seg=1 (unlisted tasks 0)")
     s.add_argument("--build-table", action="store_true", help="(re)build RUN/slim_table.json from validation data")
@@ -100,19 +103,24 @@ def _add_slim_parser(sub) -> None:
 def _slim(args) -> None:
     from mtl.nn.slimmable import runs
 
+    workdirs = list(args.workdir)
+    if len(workdirs) > 1 and (args.budget or args.preference or not args.build_table):
+        raise ValueError(f"mtl slim answers a query for one --workdir (got {len(workdirs)}); several workdirs "
+                         "are for --build-table alone")
     if args.build_table:
-        if runs.is_artifact(args.workdir):
-            raise ValueError(f"{args.workdir} is an artifact: its lookup table was stored at export; "
-                             "--build-table needs the run's workdir (and its validation data)")
-        table = runs.build_table(args.workdir, args.which)
-        print(f"wrote {os.path.join(args.workdir, 'slim_table.json')} ({len(table.entries)} configurations, "
-              f"{len(table.grid)} budget x preference entries)")
+        for wd in workdirs:
+            if runs.is_artifact(wd):
+                raise ValueError(f"{wd} is an artifact: its lookup table was stored at export; "
+                                 "--build-table needs the run's workdir (and its validation data)")
+        for wd, table in zip(workdirs, runs.build_tables(workdirs, args.which)):
+            print(f"wrote {os.path.join(wd, 'slim_table.json')} ({len(table.entries)} configurations, "
+                  f"{len(table.grid)} budget x preference entries)")
         if not args.budget:
             return
     if not args.budget or not args.preference:
         raise ValueError("mtl slim needs --budget (e.g. 12MFLOPs) and --preference (e.g. depth=2,seg=1), "
                          "or --build-table")
-    print(json.dumps(runs.slim(args.workdir, args.budget, args.preference, args.which), indent=2))
+    print(json.dumps(runs.slim(workdirs[0], args.budget, args.preference, args.which), indent=2))
 
 
 def main(argv=None) -> int:

@@ -235,6 +235,16 @@ def test_tables_of_several_runs_compile_each_configuration_once(runs, tmp_path):
     assert alone[0].entries != alone[1].entries            # two different models were measured
     assert 0 < n_together <= n_alone / 2 + 2, (n_together, n_alone)
 
+    # the CLI: several workdirs build together (default preferences); a query takes one workdir
+    before = sorted(os.listdir(other))
+    assert main(["slim", "--workdir", runs[0], other, "--budget", "1G", "--preference", f"{names[0]}=1"]) == 1
+    assert sorted(os.listdir(other)) == before
+    assert main(["slim", "--workdir", runs[0], other, "--build-table"]) == 0
+    cli = [SlimTable.load(os.path.join(wd, "slim_table.json")) for wd in (runs[0], other)]
+    api = slim_runs.build_tables([runs[0], other], save=False)
+    for a, t in zip(api, cli):
+        assert a.entries == t.entries and a.grid == t.grid
+
     wide = config()
     wide.model.encoder_kwargs = dict(hidden=(24,))
     wide.train.steps = 2

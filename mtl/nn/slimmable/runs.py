@@ -1,6 +1,8 @@
 """Search on a trained run: measure candidates, build the lookup table, answer queries.
 
     table = build_table("runs/slimmable_dense")            # writes RUN/slim_table.json
+    tables = build_tables([run_a, run_b])                 # several runs of one config (seeds, variants):
+                                                          # each configuration compiled once for all
     out = slim("runs/slimmable_dense", "12MFLOPs", "depth=2,seg=1")
     out["widths"], out["flops"], out["latency_s"], out["val"]
 
