@@ -173,11 +173,15 @@ def one_seed(args, seed, log):
     return out
 
 
-def report(args, results, wall):
+def report(args, results, wall, reused=()):
     cmd = "python experiments/slimmable.py " + " ".join(sys.argv[1:])
     mode = ("QUICK MODE (1 seed, few steps, small data; a smoke-level run, not the result of the full setting)"
             if args.quick else f"{len(results)} of {len(args.seeds)} seeds done")
-    lines = ["# Slimmable multi-task networks on DenseFashion", "", f"Command: `{cmd}` ({mode}; {wall:.0f} s here).",
+    took = f"{wall:.0f} s in this call"
+    if reused:
+        took += (f"; seeds {list(reused)} were computed by earlier calls (trained models, tables and per-seed "
+                 "results are reused from --root)")
+    lines = ["# Slimmable multi-task networks on DenseFashion", "", f"Command: `{cmd}` ({mode}; {took}).",
              "", f"Encoder {args.encoder}, widths {tuple(args.widths)}, {args.steps} steps, {args.n_train} train / "
              f"{args.n_test} test images, seeds {list(args.seeds)[:len(results)]}. Δm% = mean over tasks of the relative test-loss "
              "improvement over the fixed full-width model (higher is better); MFLOPs per example from XLA cost analysis.",
@@ -276,13 +280,14 @@ def main(argv=None):
             train_seed(a, s, log)
         return
     todo = [s for s in a.seeds if _cached_result(a, s, log) is None]
+    reused = [s for s in a.seeds if s not in todo]
     if todo:   # train every seed first, then measure all their tables together
         ensure_tables(a, todo, log)
     if a.tables_only:
         return
     for s in a.seeds:
         results.append(seed_result(a, s, lambda m: print(m, flush=True)))
-        text = report(a, results, time.time() - t0)   # rewritten after every seed: a stopped sweep keeps its seeds
+        text = report(a, results, time.time() - t0, [s for s in reused if s in a.seeds[:len(results)]])   # rewritten after every seed: a stopped sweep keeps its seeds
         _write_atomic(a.out, text)
         _write_atomic(os.path.splitext(a.out)[0] + ".json",
                       json.dumps({"args": vars(a), "seeds_done": a.seeds[:len(results)], "results": results}, indent=1))
