@@ -20,7 +20,8 @@
    256 MiB vectors), and the fraction of that bound achieved (bound / wall).
 3. ``--ada``: the AdaMerging (layer-wise) step on the same model (slow; off by default).
 
-Prints one table, the before/after ratios, and writes experiments/results/merging_bench.{json,txt}.
+Prints one table, the before/after ratios, and writes experiments/results/merging_bench.{json,txt}
+(``--out`` elsewhere for partial or comparison runs).
 """
 from __future__ import annotations
 
@@ -310,6 +311,8 @@ def main(argv=None):
     ap.add_argument("--ref", default="a2834ab", help="the commit timed as 'before' ('' to skip)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default="", help="write OUT.json and OUT.txt (default experiments/results/merging_bench: "
+                    "the README's table; use another name for partial reruns)")
     ap.add_argument("--tmp", default="/tmp/mtl_bench_merge")
     ap.add_argument("--ada", action="store_true", help="also time the AdaMerging layer-wise step (slow)")
     ap.add_argument("--ada-steps", type=int, default=3)
@@ -364,7 +367,7 @@ def main(argv=None):
                          f"{r['first_step_s (incl. compile)']:.1f} s, then {', '.join(f'{s:.2f}' for s in r['step_s'])} s;"
                          f" peak RSS {r['peak_rss_mb']:.0f} MiB")
             print(lines[-1], flush=True)
-    out = os.path.join(here, "experiments", "results", "merging_bench")
+    out = args.out or os.path.join(here, "experiments", "results", "merging_bench")
     with open(out + ".json", "w") as f:
         json.dump(results, f, indent=1)
     with open(out + ".txt", "w") as f:
