@@ -105,14 +105,14 @@ def measure_many(steps, runs: Sequence[tuple], batch_size: int, input_shape, con
     runs = list(runs)
     if not runs:
         raise ValueError("measure_many needs at least one (model, val_src) run")
-    graphdef = nnx.graphdef(runs[0][0])
+    graphdef, key = nnx.graphdef(runs[0][0]), runs[0][0].inference_key()
     for i, (m, _) in enumerate(runs[1:], 1):
         # separately built models never share a graphdef (tasks compare by identity, training
         # options differ), so the forwards are compared and run i's state is put on run 0's
-        if m.inference_key() != runs[0][0].inference_key():
+        if m.inference_key() != key:
             raise ValueError(f"run {i} has another architecture than run 0: one table measurement needs runs of "
                              "one model config (same encoder, decoders and widths)")
-    runs = [(runs[0][0], runs[0][1])] + [(nnx.merge(graphdef, nnx.state(m)), src) for m, src in runs[1:]]
+    runs = runs[:1] + [(nnx.merge(graphdef, nnx.state(m)), src) for m, src in runs[1:]]
     fn = _eval_fn(steps.tasks)
     out = [{} for _ in runs]
     for i, cfg in enumerate(configs):
