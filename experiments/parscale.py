@@ -212,7 +212,7 @@ def report(args, points, f, wall) -> str:
         lines += ["", "## Fitted law (loss in nats per byte)", "",
                   "L = E + (A / (N (k ln P + 1)))^α, Huber (δ = 1e-3) on log L, L-BFGS from a grid of starts:", "",
                   f"E = {p['E']:.4f}, A = {p['A']:.4g}, α = {p['alpha']:.4f}, **k = {p['k']:.4f}**"
-                  + (f" (bootstrap {100 * f['parscale']['level']:.0f}% interval {ki[0]:.3f} – {ki[1]:.3f})" if ki else "")
+                  + (f" (bootstrap {100 * f['parscale']['level']:.0f}% interval {ki[0]:.3g} – {ki[1]:.3g})" if ki else "")
                   + f", R² = {f['parscale']['r2']:.4f}. Published fits (0.5B–4.4B models): k ≈ 0.39 (Stack-V2-Python), "
                   "0.34 (Pile), R² ≥ 0.998."]
     if "chinchilla" in f:
