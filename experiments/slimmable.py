@@ -279,15 +279,17 @@ def main(argv=None):
         for s in a.seeds:
             train_seed(a, s, log)
         return
-    todo = [s for s in a.seeds if _cached_result(a, s, log) is None]
-    reused = [s for s in a.seeds if s not in todo]
+    cached = {s: _cached_result(a, s, log) for s in a.seeds}
+    todo = [s for s in a.seeds if cached[s] is None]
     if todo:   # train every seed first, then measure all their tables together
         ensure_tables(a, todo, log)
     if a.tables_only:
         return
     for s in a.seeds:
-        results.append(seed_result(a, s, lambda m: print(m, flush=True)))
-        text = report(a, results, time.time() - t0, [s for s in reused if s in a.seeds[:len(results)]])   # rewritten after every seed: a stopped sweep keeps its seeds
+        results.append(cached[s] if cached[s] is not None else seed_result(a, s, log))
+        done = a.seeds[:len(results)]
+        text = report(a, results, time.time() - t0, [x for x in done if cached[x] is not None])
+        # rewritten after every seed: a stopped sweep keeps its seeds
         _write_atomic(a.out, text)
         _write_atomic(os.path.splitext(a.out)[0] + ".json",
                       json.dumps({"args": vars(a), "seeds_done": a.seeds[:len(results)], "results": results}, indent=1))
@@ -375,13 +377,11 @@ def _cached_result(args, seed, log):
 
 
 def seed_result(args, seed, log):
-    """``one_seed``'s result, cached in ``ROOT/seedN/result.json`` with the settings it was
-    computed with: rerunning the sweep skips the seeds already done (:func:`_cached_result`)."""
-    out = _cached_result(args, seed, log)
-    if out is None:
-        out = one_seed(args, seed, log)
-        _write_atomic(os.path.join(args.root, f"seed{seed}", "result.json"),
-                      json.dumps({"settings": _settings(args), "result": out}, indent=1))
+    """``one_seed``'s result, saved in ``ROOT/seedN/result.json`` with the settings it was
+    computed with (a rerun reads it back: :func:`_cached_result`)."""
+    out = one_seed(args, seed, log)
+    _write_atomic(os.path.join(args.root, f"seed{seed}", "result.json"),
+                  json.dumps({"settings": _settings(args), "result": out}, indent=1))
     return out
 
 
