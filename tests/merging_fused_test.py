@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import mtl.merging as mm
 from mtl.merging import dare_mask, topk
+from mtl.merging.sources import MergeInputs
 
 K = 4
 
@@ -200,10 +201,10 @@ def test_sharded_equals_unsharded(dtype, cases):
 
 # ---------------------------------------------------------------- the TIES threshold
 
-def big_task_vectors(seed, n_rows, ties_heavy):
+def big_task_vectors(seed, n_rows, ties_heavy, num_tasks=K):
     rng = np.random.default_rng(seed)
     tvs = []
-    for k in range(K):
+    for k in range(num_tasks):
         if ties_heavy:  # few distinct magnitudes: the threshold sits inside a huge tie
             a = (rng.integers(-3, 4, size=(n_rows, 256)) * 0.5).astype(np.float32)
         else:  # heavy tails and exact zeros, a different scale per task
@@ -220,6 +221,22 @@ def test_sampled_threshold_equals_sort(ties_heavy):
     for k in [0.0, 0.001, 3.0, 20.0, 50.0, 99.9, 100.0]:
         got = np.asarray(mm.ties_thresholds(tvs, k))
         np.testing.assert_array_equal(got, np_thresholds([mm.flatten(t) for t in tvs], k), err_msg=f"k={k}")
+
+
+def test_sampled_threshold_of_many_tasks_on_host_and_device_paths(monkeypatch):
+    """11 tasks (two code groups, the second partial): the host gather (plain task vectors) and the
+    device one (``relative``: τ formed inside the kernels, here from θ0 = 0) both equal the sort,
+    without falling back to the radix select."""
+    monkeypatch.setattr(topk, "radix_thresholds", lambda *a: pytest.fail("fell back to the radix select"))
+    tvs = big_task_vectors(8, 2200, False, num_tasks=11)  # strided sample
+    flat = [mm.flatten(t) for t in tvs]
+    paths = ("a", "b")
+    for k in [0.5, 20.0, 90.0]:
+        want = np_thresholds(flat, k)
+        np.testing.assert_array_equal(np.asarray(mm.ties_thresholds(tvs, k)), want, err_msg=f"k={k}")
+        inp = MergeInputs(paths=paths, num_tasks=11, theta0=lambda p: jnp.zeros_like(flat[0][p]),
+                          operands=lambda p: [f[p] for f in flat], relative=True)
+        np.testing.assert_array_equal(np.asarray(topk.ties_thresholds_of(inp, k)), want, err_msg=f"relative k={k}")
 
 
 def test_threshold_fallback_when_the_bracket_misses(monkeypatch):
