@@ -8,7 +8,7 @@
     mtl merge  --config configs/merge_NAME.py --workdir DIR [--overwrite] [--config.key=value ...]
     mtl merge-files --method NAME --base CKPT --models CKPT [CKPT ...] --out OUT [--kw key=value ...]
                     [--exclude PATTERN ...] [--max-shard-size 5GB] [--format safetensors|artifact|orbax]
-                    [--map-hf encoder/] [--sequential] [--overwrite]
+                    [--map-hf encoder/] [--chunk-size auto|512MB|none] [--sequential] [--overwrite]
     mtl generate --workdir DIR --prompt TEXT [--max-new N] [--temperature T] [--batch B] [--which best|last|STEP]
     mtl slim   --workdir DIR|ARTIFACT (--budget 12MFLOPs --preference depth=2,seg=1 | --build-table)
     mtl slim   --workdir DIR [DIR ...] --build-table      # several runs of one config, measured together
@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--max-shard-size", default=None, help="split safetensors output into shards, e.g. 5GB")
     f.add_argument("--map-hf", default=None, metavar="PREFIX",
                    help="read Hugging Face ViT/CLIP/GPT-2 inputs in mtl names under PREFIX (e.g. encoder/)")
+    f.add_argument("--chunk-size", default="auto", metavar="SIZE",
+                   help="merge a tensor whose K+1 copies exceed SIZE in row chunks, read and written in place"
+                        " (default auto: 1GiB; none: never)")
     f.add_argument("--sequential", action="store_true", help="no read-ahead / write-behind threads (less memory)")
     f.add_argument("--overwrite", action="store_true")
     gen = sub.add_parser("generate", help="decode from a causal LM run with a KV cache; prints the text, "
@@ -214,7 +217,8 @@ def _merge_files(args) -> None:
     out = merge_files(args.method, args.base, args.models, args.out, format=args.format, include=args.include,
                       exclude=args.exclude, max_shard_bytes=args.max_shard_size, overwrite=args.overwrite,
                       prefetch=not args.sequential, write_behind=not args.sequential, progress=True,
-                      map_hf=args.map_hf, **kw)
+                      map_hf=args.map_hf, chunk_bytes=None if args.chunk_size.lower() == "none" else args.chunk_size,
+                      **kw)
     print(f"wrote {out}")
 
 

@@ -35,22 +35,34 @@ class PrefetchSource:
     def spec(self, path):
         return self.source.spec(path) if hasattr(self.source, "spec") else None
 
-    def load(self, path):
+    @property
+    def reads_rows(self) -> bool:
+        """Row chunks are read alone when the wrapped source can (see :func:`mtl.merging.sources.reads_rows`)."""
+        from mtl.merging.sources import reads_rows
+
+        return reads_rows(self.source)
+
+    def load_part(self, key):
+        """The tensor (or row chunk: a :class:`mtl.merging.sources.Chunk`) at ``key``; ``order`` holds keys."""
+        from mtl.merging.sources import load_part
+
         with self._lock:
             pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == path:
+        if pending is not None and pending[0] == key:
             x = pending[1].result()
             self.hits += 1
         else:
             if pending is not None:
                 pending[1].cancel()
-            x = self.source.load(path)
+            x = load_part(self.source, key)
             self.misses += 1
-        nxt = self._next.get(path)
+        nxt = self._next.get(key)
         if nxt is not None:
             with self._lock:
-                self._pending = (nxt, self._pool.submit(self.source.load, nxt))
+                self._pending = (nxt, self._pool.submit(load_part, self.source, nxt))
         return x
+
+    load = load_part
 
     def drop(self) -> None:
         """Forget the read-ahead tensor (at the end of a merge)."""

@@ -233,6 +233,21 @@ class SafetensorsSource:
         _pread_into(fd, out.reshape(-1).view(np.uint8), e.offset, e.file, name)
         return out
 
+    def load_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` (axis 0) of a tensor, read alone (for merges in row chunks)."""
+        e = self._entry(name)
+        shape = e.spec.shape
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path}: rows {start}:{stop} of {name!r} {shape} are out of range")
+        out = np.empty((stop - start,) + tuple(shape[1:]), e.spec.dtype)
+        row = out.nbytes // max(stop - start, 1) if stop > start else 0
+        with self._lock:
+            fd = self._fds.get(e.file)
+            if fd is None:
+                fd = self._fds[e.file] = os.open(e.file, os.O_RDONLY)
+        _pread_into(fd, out.reshape(-1).view(np.uint8), e.offset + start * row, e.file, name)
+        return out
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -373,21 +388,36 @@ class SafetensorsWriter(CommitOnExit):
             self.abort()
             raise
         self._written: set[str] = set()
+        self._rows: dict[str, int] = {}  # rows of a chunked tensor written so far
         self._closed = False
 
+    #: tensors may arrive in row chunks (``name`` a :class:`mtl.merging.sources.Chunk`: its rows are
+    #: written in place; the tensor counts as written once all its rows are)
+    accepts_chunks = True
+
     def __call__(self, name: str, tensor) -> None:
-        if name not in self._slots:
-            raise KeyError(f"{self.out}: tensor {name!r} is not among the {len(self._slots)} planned ones")
-        if name in self._written:
-            raise ValueError(f"{self.out}: tensor {name!r} was written twice")
+        chunked = hasattr(name, "base")
+        base = name.base if chunked else name
+        if base not in self._slots:
+            raise KeyError(f"{self.out}: tensor {base!r} is not among the {len(self._slots)} planned ones")
+        if base in self._written:
+            raise ValueError(f"{self.out}: tensor {base!r} was written twice")
         x = np.asarray(tensor)
-        spec = self.specs[name]
-        if tuple(x.shape) != spec.shape or x.dtype != spec.dtype:
+        spec = self.specs[base]
+        start, stop = (name.start, name.stop) if chunked else (0, spec.shape[0] if spec.shape else 1)
+        want = (stop - start,) + spec.shape[1:] if chunked else spec.shape
+        if tuple(x.shape) != want or x.dtype != spec.dtype:
             raise ValueError(f"{self.out}: tensor {name!r} is {tuple(x.shape)} {x.dtype},"
-                             f" planned as {spec.shape} {spec.dtype}")
-        fd, off = self._slots[name]
-        _pwrite_all(fd, np.ascontiguousarray(x).reshape(-1).view(np.uint8), off)
-        self._written.add(name)
+                             f" planned as {want} {spec.dtype}")
+        fd, off = self._slots[base]
+        row = spec.nbytes // max(spec.shape[0], 1) if spec.shape else spec.nbytes
+        _pwrite_all(fd, np.ascontiguousarray(x).reshape(-1).view(np.uint8), off + start * row)
+        rows = self._rows.get(base, 0) + (stop - start)
+        if not chunked or rows >= (spec.shape[0] if spec.shape else 1):
+            self._rows.pop(base, None)
+            self._written.add(base)
+        else:
+            self._rows[base] = rows
 
     write = __call__
 

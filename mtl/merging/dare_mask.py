@@ -57,13 +57,14 @@ def _fmix(x):
     return x ^ (x >> 16)
 
 
-def keep_mask(shape, w, thresh):
-    """Boolean keep-mask of ``shape`` (inside a kernel): ``w`` the two words, ``thresh`` ``T`` (uint32)."""
+def keep_mask(shape, w, thresh, offset=0):
+    """Boolean keep-mask of ``shape`` (inside a kernel): ``w`` the two words, ``thresh`` ``T`` (uint32);
+    ``offset`` (uint32) is the flat index of the first entry, for a row chunk of a larger tensor."""
     size = int(np.prod(shape, dtype=np.int64))
     if size >= 2**32:
         raise ValueError(f"DARE mask: a tensor of {size} entries (2**32 or more) is not supported")
     w = jnp.asarray(w, jnp.uint32)
-    i = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    i = jax.lax.iota(jnp.uint32, size).reshape(shape) + jnp.asarray(offset, jnp.uint32)
     h = _fmix(_fmix(i * jnp.uint32(_GOLDEN) + w[0]) ^ w[1])
     return h <= jnp.asarray(thresh, jnp.uint32)
 
@@ -76,10 +77,10 @@ def _fmix_np(x):
     return x ^ (x >> np.uint32(16))
 
 
-def keep_mask_np(shape, w, thresh) -> np.ndarray:
+def keep_mask_np(shape, w, thresh, offset=0) -> np.ndarray:
     """:func:`keep_mask` in numpy (uint32 arithmetic wraps, as in XLA)."""
     w = np.asarray(w, np.uint32)
-    i = np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint32).reshape(shape)
+    i = (np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64) + int(offset)).astype(np.uint32).reshape(shape)
     with np.errstate(over="ignore"):
         h = _fmix_np(_fmix_np(i * np.uint32(_GOLDEN) + w[0]) ^ w[1])
     return h <= np.uint32(thresh)

@@ -31,10 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl.io import ArtifactSource, open_source, open_writer, output_format, prefetch_all, specs_of
+from mtl.merging.sources import Chunk, reads_rows, row_chunks
 from mtl.merging.stream import merge_stream
 from mtl.merging.tree import path_filter
 
-__all__ = ["merge_files", "parse_size"]
+__all__ = ["merge_files", "parse_size", "AUTO_CHUNK_BYTES"]
+
+#: ``chunk_bytes="auto"``: tensors whose K + 1 copies exceed 1 GiB are merged in row chunks
+AUTO_CHUNK_BYTES = 1 << 30
 
 
 def parse_size(s) -> int | None:
@@ -63,10 +67,17 @@ class _Progress:
         self.done, self.bytes, self.t0, self._last = 0, 0, time.perf_counter(), -1
         self.tty = enabled and sys.stderr.isatty()
 
+    accepts_chunks = property(lambda self: getattr(self.sink, "accepts_chunks", False))
+
     def __call__(self, path, tensor):
         self.sink(path, tensor)
+        if isinstance(path, Chunk):  # a row chunk: its share of the bytes, the tensor counted at its last
+            self.bytes += self.nbytes.get(path.base, 0) * (path.stop - path.start) // max(path.rows, 1)
+            if not path.last:
+                return
+        else:
+            self.bytes += self.nbytes.get(path, 0)
         self.done += 1
-        self.bytes += self.nbytes.get(path, 0)
         if not self.enabled:
             return
         tenth = 10 * self.done // max(self.total, 1)
@@ -105,6 +116,8 @@ class _WriteBehind:
 
     A failure in the writer thread is raised at the next call or at :meth:`finish`.
     """
+
+    accepts_chunks = property(lambda self: getattr(self.sink, "accepts_chunks", False))
 
     def __init__(self, sink, depth: int = 1):
         self.sink, self._q, self._err = sink, queue.Queue(maxsize=depth), None
@@ -157,7 +170,7 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
                 max_shard_bytes: int | str | None = None, metadata: Mapping | None = None,
                 overwrite: bool = False, prefetch: bool = True, workers: int = 2, write_behind: bool = True,
                 progress: bool = False, map_hf: str | None = None,
-                check_finite: bool = True, **hparams) -> str:
+                check_finite: bool = True, chunk_bytes: int | str | None = "auto", **hparams) -> str:
     """Merge the checkpoints ``models`` into ``base`` with ``method`` and write ``out``; returns ``out``.
 
     ``base``/``models``: paths (any format :func:`mtl.io.open_source` reads)
@@ -174,6 +187,10 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
     beside the weights) as :class:`mtl.io.hf.HFSource` in mtl names under
     this prefix (e.g. ``"encoder/"``), so they merge with mtl artifacts or
     with HF files whose name prefixes differ; the result is in mtl names.
+    ``chunk_bytes`` (bytes or ``"512MB"``; ``None``: never): a tensor whose
+    K + 1 copies exceed it is merged in row chunks, read and written in place
+    (:func:`mtl.merging.merge_stream`); ``"auto"`` is 1 GiB, except for
+    RegMean, which merges whole tensors.
     """
     if not models:
         raise ValueError("merge_files: need at least one fine-tuned model")
@@ -199,16 +216,23 @@ def merge_files(method: str, base, models: Sequence, out: str, *, format: str | 
             with open(cfg) as f:
                 writer.extra_files["config.json"] = f.read()
     nbytes = {p: int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for p, s in specs.items()}
+    if isinstance(chunk_bytes, str) and chunk_bytes.strip().lower() == "auto":
+        chunk_bytes = None if method == "regmean" or hparams.get("then") == "regmean" else AUTO_CHUNK_BYTES
+    chunk_bytes = parse_size(chunk_bytes)
+    order = _merged_order(pre, include, exclude)
+    if chunk_bytes is not None and all(reads_rows(s) for s in [pre, *fts]):
+        order = row_chunks(order, {p: (specs[p].shape, np.dtype(specs[p].dtype).itemsize) for p in order},
+                           len(fts) + 1, chunk_bytes)
     sink = _WriteBehind(_Progress(writer, len(specs), nbytes, progress)) if write_behind else \
         _Progress(writer, len(specs), nbytes, progress)
     try:
         if prefetch:
-            with prefetch_all([pre, *fts], _merged_order(pre, include, exclude), workers) as (wpre, *wfts):
+            with prefetch_all([pre, *fts], order, workers) as (wpre, *wfts):
                 merge_stream(method, wpre, wfts, include=include, exclude=exclude, names=names, sink=sink,
-                             check_finite=check_finite, **hparams)
+                             check_finite=check_finite, chunk_bytes=chunk_bytes, **hparams)
         else:
             merge_stream(method, pre, fts, include=include, exclude=exclude, names=names, sink=sink,
-                         check_finite=check_finite, **hparams)
+                         check_finite=check_finite, chunk_bytes=chunk_bytes, **hparams)
         if write_behind:
             sink.finish()
     except BaseException:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl.merging.sources import MergeInputs, as_source, run_tree
+from mtl.merging.sources import MergeInputs, as_source, base_path, load_part, run_tree
 from mtl.merging.static import compute_dtype, fused, run_kernel
 from mtl.merging.tree import PyTree
 
@@ -47,9 +47,9 @@ def fisher_core(inp: MergeInputs, *, fishers, coeffs=None, eps: float = 1e-8):
         theta0 = inp.theta0(p)
         fs = []
         for k, (s, h) in enumerate(zip(srcs, have)):
-            f = s.load(p) if p in h else None
+            f = load_part(s, p) if base_path(p) in h else None
             if f is None:
-                raise ValueError(f"Fisher estimate {k} has no entry for parameter {p!r}")
+                raise ValueError(f"Fisher estimate {k} has no entry for parameter {base_path(p)!r}")
             if np.shape(f) != np.shape(theta0):
                 raise ValueError(f"Fisher estimate {k} for {p!r} has shape {np.shape(f)},"
                                  f" the parameter has {np.shape(theta0)}")

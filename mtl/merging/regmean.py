@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl.merging.sources import MergeInputs, run_tree
+from mtl.merging.sources import Chunk, MergeInputs, base_path, run_tree
 from mtl.merging.static import average_kernel, compute_dtype, fused, propagate_nonfinite, run_kernel
 from mtl.merging.tree import PyTree, flatten
 
@@ -76,7 +76,7 @@ def _validate_grams(grams, inp: MergeInputs):
     if isinstance(grams, Mapping) or len(grams) != inp.num_tasks:
         raise ValueError(f"grams must be a list of {inp.num_tasks} dicts (path -> Gram matrix), one per model")
     flats = [flatten(g) for g in grams]
-    included = set(inp.paths)
+    included = {base_path(k) for k in inp.paths}
     for k, f in enumerate(flats):
         if set(f) != set(flats[0]):
             diff = sorted(set(f) ^ set(flats[0]))[0]
@@ -95,6 +95,10 @@ def regmean_core(inp: MergeInputs, *, grams, alpha: float = 0.9):
     if not 0 <= alpha <= 1:
         raise ValueError(f"RegMean alpha must be in [0, 1], got {alpha}")
     flats = _validate_grams(grams, inp)
+    for p in inp.paths:
+        if isinstance(p, Chunk) and p.base in flats[0]:
+            raise ValueError(f"RegMean cannot merge {p.base!r} in row chunks (its Gram matrix couples the rows):"
+                             " merge without chunk_bytes, or with a budget above K + 1 copies of that tensor")
     for p in inp.paths:
         if p in flats[0]:
             _rows(np.shape(inp.theta0(p)), np.shape(flats[0][p])[0], p)

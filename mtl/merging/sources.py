@@ -50,9 +50,80 @@ class DictSource:
     def load(self, path: str):
         return self._flat[path]
 
+    def load_rows(self, path: str, start: int, stop: int):
+        return self._flat[path][start:stop]
+
     def spec(self, path: str):
         x = self._flat[path]
         return None if x is None else jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x))
+
+
+class Chunk(str):
+    """Rows ``start:stop`` (axis 0) of the tensor at ``base``, merged on their own.
+
+    A key of :class:`MergeInputs` paths when a tensor is merged in row chunks
+    (its string reads ``"base[rows start:stop]"`` in messages).  ``offset`` is
+    the flat index of its first entry in the whole tensor (DARE's mask is a
+    function of it), ``total`` the whole tensor's number of entries.
+    """
+
+    def __new__(cls, base: str, start: int, stop: int, shape: Sequence[int]):
+        self = super().__new__(cls, f"{base}[rows {int(start)}:{int(stop)}]")
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        self.base, self.start, self.stop, self.rows = str(base), int(start), int(stop), int(shape[0])
+        self.offset, self.total = self.start * row, self.rows * row
+        return self
+
+    @property
+    def last(self) -> bool:
+        return self.stop == self.rows
+
+    def __reduce__(self):
+        return Chunk, (self.base, self.start, self.stop, (self.rows, self.total // max(self.rows, 1)))
+
+
+def base_path(key: str) -> str:
+    """The tensor path of a :class:`MergeInputs` key (a path, or a :class:`Chunk` of one)."""
+    return key.base if isinstance(key, Chunk) else key
+
+
+def reads_rows(src) -> bool:
+    """Whether ``src`` reads a row range without loading the whole tensor (``load_rows``)."""
+    return bool(getattr(src, "reads_rows", hasattr(src, "load_rows")))
+
+
+def load_part(src, key: str):
+    """``src``'s tensor at a :class:`MergeInputs` key: the whole tensor, or a :class:`Chunk`'s rows
+    (read alone by ``load_rows`` where the source has it, else sliced out of the whole tensor)."""
+    if hasattr(src, "load_part"):
+        return src.load_part(key)
+    if not isinstance(key, Chunk):
+        return src.load(key)
+    if hasattr(src, "load_rows"):
+        return src.load_rows(key.base, key.start, key.stop)
+    return src.load(key.base)[key.start:key.stop]
+
+
+def row_chunks(paths: Sequence[str], shapes: Mapping[str, tuple], copies: int, chunk_bytes: int | None) -> list:
+    """``paths`` with each tensor whose ``copies`` copies exceed ``chunk_bytes`` split into row chunks
+    of at most ``chunk_bytes`` over all copies (at least one row each).
+
+    ``shapes[path] = (shape, itemsize)``.  Scalars, single-row tensors and
+    everything when ``chunk_bytes`` is None stay whole.
+    """
+    if chunk_bytes is not None and chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    out: list = []
+    for p in paths:
+        shape, itemsize = shapes[p]
+        shape = tuple(int(d) for d in shape)
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * int(itemsize) * copies
+        if chunk_bytes is None or len(shape) == 0 or shape[0] < 2 or row_bytes * shape[0] <= chunk_bytes:
+            out.append(p)
+            continue
+        step = max(1, chunk_bytes // max(row_bytes, 1))
+        out.extend(Chunk(p, a, min(a + step, shape[0]), shape) for a in range(0, shape[0], step))
+    return out
 
 
 def as_source(obj) -> Source:
@@ -114,9 +185,14 @@ class DropSpec:
     scale: float
 
     def at(self, path: str, num_tasks: int):
-        """The kernel's ``drop`` argument at ``path``: ``(words [K, 2] uint32, threshold uint32, scale)``."""
-        w = _tensor_words(self.key, np.uint32(zlib.crc32(path.encode())), num_tasks=num_tasks)
-        return w, np.uint32(dare_mask.threshold(self.keep_prob)), self.scale
+        """The kernel's ``drop`` argument at ``path`` (a key: a path or a :class:`Chunk`):
+        ``(words [K, 2] uint32, threshold uint32, scale, offset uint32)``; ``offset`` is the chunk's
+        first flat index, so a chunk's mask is the whole tensor's rows."""
+        if isinstance(path, Chunk) and path.total >= 2**32:
+            raise ValueError(f"DARE mask: a tensor of {path.total} entries (2**32 or more) is not supported")
+        w = _tensor_words(self.key, np.uint32(zlib.crc32(base_path(path).encode())), num_tasks=num_tasks)
+        offset = np.uint32(path.offset if isinstance(path, Chunk) else 0)
+        return w, np.uint32(dare_mask.threshold(self.keep_prob)), self.scale, offset
 
 
 @functools.partial(jax.jit, static_argnames="num_tasks")
@@ -136,10 +212,10 @@ def form_taus(x0, xs, relative: bool, drop):
     raw = [_rounded(jnp.subtract, x, x0) for x in xs] if relative else list(xs)
     if drop is None:
         return raw, raw
-    w, thresh, scale = drop
+    w, thresh, scale, offset = drop
     # a dropped entry is ``τ − τ``: +0 where τ is finite (as a literal 0 would be), NaN where it is not, so a
     # non-finite input is never dropped out of sight of the kernel's finiteness probe
-    return raw, [jnp.where(dare_mask.keep_mask(t.shape, w[k], thresh), _rounded(jnp.multiply, t, scale), t - t
+    return raw, [jnp.where(dare_mask.keep_mask(t.shape, w[k], thresh, offset), _rounded(jnp.multiply, t, scale), t - t
                            ).astype(t.dtype) for k, t in enumerate(raw)]
 
 
@@ -349,24 +425,24 @@ class _StreamState:
     def theta0(self, path):
         if self._cache is None or self._cache[0] != path:
             self._cache = None  # drop the previous tensor before loading the next
-            self._cache = (path, _on_device([self.pre.load(path)])[0])
+            self._cache = (path, _on_device([load_part(self.pre, path)])[0])
         return self._cache[1]
 
     def operands(self, path):
         x0 = self.theta0(path)
         out = []
         for src, name in zip(self.fts, self.names):
-            x = src.load(path)
+            x = load_part(src, path)
             if np.shape(x) != np.shape(x0) or jnp.result_type(x) != jnp.result_type(x0):
                 raise ValueError(f"parameter {path!r} differs: 'pretrained' has {_desc(x0)}, {name!r} has {_desc(x)}")
             out.append(x)
         return _on_device(out)
 
     def _exact_finite(self, path):
-        return _exact_finite([self.pre.load(path)] + [src.load(path) for src in self.fts])
+        return _exact_finite([load_part(self.pre, path)] + [load_part(src, path) for src in self.fts])
 
     def _exact_nonzero(self, path, k):
-        return bool(_any_differs(self.fts[k].load(path), self.theta0(path)))
+        return bool(_any_differs(load_part(self.fts[k], path), self.theta0(path)))
 
     def finish(self):
         """Raise for the first non-finite input tensor; warn for each model identical to ``pretrained``."""
@@ -386,7 +462,7 @@ def _shape_dtype(src, path):
 
 
 def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, names=None,
-                  check_finite: bool = True):
+                  check_finite: bool = True, chunk_bytes: int | None = None):
     """Lazy :class:`MergeInputs` over sources; returns ``(inputs, copied_paths, state)``.
 
     The inputs' operands are the fine-tuned tensors (``relative=True``);
@@ -394,6 +470,13 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
 
     ``copied_paths`` are pretrained paths that are not merged (excluded by the
     filters or non-floating) and are copied from ``pretrained``.
+
+    ``chunk_bytes``: a tensor whose ``K + 1`` copies exceed it is merged in
+    row chunks (:class:`Chunk` keys, :func:`row_chunks`), so that at most
+    about ``chunk_bytes`` of input is resident at once, when every source
+    reads row ranges on its own (safetensors files, in-memory trees and their
+    prefetching wrappers do; orbax checkpoints and artifacts do not, and
+    their tensors stay whole).
     """
     pre = as_source(pretrained)
     fts = [as_source(f) for f in finetuned]
@@ -420,7 +503,19 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
             if keep(p):
                 raise ValueError(f"{name!r} has parameter {p!r} that 'pretrained' lacks;"
                                  f" exclude it (e.g. exclude=[{p!r}]) and keep it yourself")
-    state = _StreamState(pre, fts, names, check_finite, included)
-    inp = MergeInputs(paths=tuple(included), num_tasks=len(fts), theta0=state.theta0, operands=state.operands,
+    keys = included
+    if chunk_bytes is not None and all(reads_rows(s) for s in [pre, *fts]):
+        shapes = {p: _shape_dtype(pre, p) for p in included}
+        keys = row_chunks(included, {p: (sd[0], np.dtype(sd[1]).itemsize) for p, sd in shapes.items()},
+                          len(fts) + 1, chunk_bytes)
+        for p in dict.fromkeys(base_path(k) for k in keys if isinstance(k, Chunk)):
+            for src, name in zip(fts, names):  # a chunk's shape cannot show a mismatch of the whole tensor
+                got = _shape_dtype(src, p)
+                if got is not None and (got[0] != shapes[p][0] or got[1] != shapes[p][1]):
+                    raise ValueError(f"parameter {p!r} differs: 'pretrained' has {shapes[p][0]} {shapes[p][1]},"
+                                     f" {name!r} has {got[0]} {got[1]}")
+        sizes = {k: (k.total // k.rows) * (k.stop - k.start) if isinstance(k, Chunk) else sizes[k] for k in keys}
+    state = _StreamState(pre, fts, names, check_finite, keys)
+    inp = MergeInputs(paths=tuple(keys), num_tasks=len(fts), theta0=state.theta0, operands=state.operands,
                       relative=True, streaming=True, checks=state.checks, sizes=sizes)
     return inp, copied, state

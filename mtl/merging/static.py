@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl.merging.sources import DropSpec, MergeInputs, form_taus, kernel_flags, run_tree
+from mtl.merging.sources import DropSpec, MergeInputs, base_path, form_taus, kernel_flags, run_tree
 from mtl.merging.topk import kth_largest_magnitudes, magnitude, num_keep, ties_thresholds_of
 from mtl.merging.tree import PyTree, check_compatible, flatten
 
@@ -125,7 +125,7 @@ def ties_kernel(theta0, taus, raw, thresholds, lam, *, mode):
 @jax.jit
 def _dare_kernel(tau, w, thresh, scale):
     """One task vector's tensor after DARE's drop: the fused kernels' own drop (``form_taus``), materialised."""
-    return form_taus(None, [tau], False, (w[None], thresh, scale))[1][0]
+    return form_taus(None, [tau], False, (w[None], thresh, scale, np.uint32(0)))[1][0]
 
 
 # ---------------------------------------------------------------- cores (path by path)
@@ -146,7 +146,8 @@ def average_core(inp: MergeInputs):
 
 
 def _coeff_getter(coeffs, paths, num_tasks):
-    """Normalise task-wise / layer-wise coefficients to ``path -> [c_1..c_K]``."""
+    """Normalise task-wise / layer-wise coefficients to ``key -> [c_1..c_K]`` (a row chunk takes its tensor's)."""
+    paths = [base_path(p) for p in paths]
     if isinstance(coeffs, (list, tuple)) and coeffs and all(isinstance(c, Mapping) for c in coeffs):
         if len(coeffs) != num_tasks:
             raise ValueError(f"got {len(coeffs)} coefficient trees for {num_tasks} task vectors")
@@ -155,7 +156,7 @@ def _coeff_getter(coeffs, paths, num_tasks):
             for i, f in enumerate(flats):
                 if f.get(p) is None:
                     raise ValueError(f"coefficient tree {i} has no coefficient for parameter {p!r}")
-        return lambda p: [f[p] for f in flats]
+        return lambda p: [f[base_path(p)] for f in flats]
     if isinstance(coeffs, Mapping):
         flat = flatten(coeffs)
         for p in paths:
@@ -165,7 +166,7 @@ def _coeff_getter(coeffs, paths, num_tasks):
             if jnp.ndim(c) == 0 or jnp.shape(c)[0] != num_tasks:
                 raise ValueError(f"layer-wise coefficient for {p!r} must have leading dimension"
                                  f" {num_tasks} (one per task), got shape {jnp.shape(c)}")
-        return lambda p: [flat[p][k] for k in range(num_tasks)]
+        return lambda p: [flat[base_path(p)][k] for k in range(num_tasks)]
     c = jnp.asarray(coeffs)
     if c.ndim == 0:
         return lambda p: [c] * num_tasks
@@ -331,7 +332,7 @@ def dare(task_vectors: Sequence[PyTree], p: float = 0.5, key=None, *, seed: int 
                 continue
             if path not in drops:
                 drops[path] = spec.at(path, len(flats))
-            w, thresh, scale = drops[path]
+            w, thresh, scale, _ = drops[path]
             leaves.append(_dare_kernel(t, w[k], thresh, scale))
         out.append(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tv, is_leaf=lambda x: x is None),
                                                 leaves))
