@@ -2,14 +2,15 @@
 
     python experiments/bench/merge_ooc.py [--k 8] [--model-gb 1.4] [--tensor-mb 64] [--method task_arithmetic]
                                           [--dir /tmp/mtl_bench_ooc] [--cold] [--sequential]
-                                          [--keep] [--reuse] [--json]
+                                          [--keep] [--reuse] [--json] [--chunk auto|none|256MB]
 
 1. Writes a base model and K "fine-tunes" (base + noise) of ``--model-gb`` each
    as safetensors files, tensor by tensor (f32 tensors of ``--tensor-mb``),
    in this process.
 2. A fresh subprocess merges them with :func:`mtl.merging.files.merge_files`
    (read-ahead and write-behind threads on, unless ``--sequential``) into a
-   sharded safetensors directory and reports its peak
+   sharded safetensors directory (tensors whose K + 1 copies exceed ``--chunk``
+   merged in row chunks; default ``auto``, 1 GiB) and reports its peak
    resident memory (``VmHWM`` from ``/proc/self/status``), its RSS after the
    imports (the baseline), the wall time and the read throughput.  With
    ``--cold`` the inputs are dropped from the page cache first
@@ -100,7 +101,8 @@ def child(args) -> None:
     t0 = time.perf_counter()
     kw = {"lam": 0.3} if args.method == "task_arithmetic" else ({"k": 20} if args.method == "ties" else {})
     merge_files(args.method, base, fts, args.out, max_shard_bytes="2GB", overwrite=True,
-                prefetch=not args.sequential, write_behind=not args.sequential, **kw)
+                prefetch=not args.sequential, write_behind=not args.sequential,
+                chunk_bytes=None if args.chunk.lower() == "none" else args.chunk, **kw)
     seconds = time.perf_counter() - t0
     print(json.dumps({"baseline_rss_mb": baseline, "peak_rss_mb": status_mb("VmHWM"), "seconds": seconds,
                       "kw": kw}))
@@ -138,6 +140,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reuse", action="store_true", help="reuse files of the same layout left by --keep")
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     ap.add_argument("--sequential", action="store_true", help="no read-ahead or write-behind threads")
+    ap.add_argument("--chunk", default="auto", help="merge_files' chunk_bytes: auto (1 GiB), none, or a size")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--paths", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -167,7 +170,7 @@ def main(argv=None) -> dict:
         drop_cache(paths)
     out = os.path.join(args.dir, "merged")
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--method", args.method, "--out", out,
-           *(["--sequential"] if args.sequential else []), "--paths", *paths]
+           *(["--sequential"] if args.sequential else []), "--chunk", args.chunk, "--paths", *paths]
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("XLA_FLAGS", None)
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -183,7 +186,7 @@ def main(argv=None) -> dict:
                 mem["MemTotal"] = int(line.split()[1]) / 2**20
     delta = r["peak_rss_mb"] - r["baseline_rss_mb"]
     result = {
-        "method": args.method, "k": args.k, "overlap": not args.sequential, "model_gb": model_bytes / 1e9, "tensor_mb": tensor_bytes / 2**20,
+        "method": args.method, "k": args.k, "overlap": not args.sequential, "chunk": args.chunk, "model_gb": model_bytes / 1e9, "tensor_mb": tensor_bytes / 2**20,
         "inputs_gb": (args.k + 1) * model_bytes / 1e9, "machine_mem_gib": mem["MemTotal"],
         "cache": "cold (fadvise DONTNEED)" if args.cold else "as written (warm where it fit)",
         "seconds": r["seconds"], "read_gb_per_s": (args.k + 1) * model_bytes / 1e9 / r["seconds"],
@@ -198,7 +201,7 @@ def main(argv=None) -> dict:
         print(json.dumps(result))
     else:
         say(f"merged {args.k} + 1 models ({result['inputs_gb']:.1f} GB of inputs, machine {mem['MemTotal']:.0f} GiB)"
-            f" with {args.method}{'' if not args.sequential else ' (sequential)'} in {r['seconds']:.1f} s ({result['read_gb_per_s']:.2f} GB/s read, {result['cache']})")
+            f" with {args.method}{'' if not args.sequential else ' (sequential)'}, chunk {args.chunk}, in {r['seconds']:.1f} s ({result['read_gb_per_s']:.2f} GB/s read, {result['cache']})")
         say(f"  peak RSS {r['peak_rss_mb']:.0f} MB = baseline {r['baseline_rss_mb']:.0f} MB (imports)"
             f" + {delta:.0f} MB ({result['peak_above_baseline_in_tensors']:.1f} tensors of {tensor_bytes / 2**20:.0f} MB);"
             f" {result['peak_over_one_model']:.2f} x one model, K+1 copies would be {result['inputs_gb']:.1f} GB")
