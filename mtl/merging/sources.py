@@ -475,8 +475,8 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
     row chunks (:class:`Chunk` keys, :func:`row_chunks`), so that at most
     about ``chunk_bytes`` of input is resident at once, when every source
     reads row ranges on its own (safetensors files, in-memory trees and their
-    prefetching wrappers do; orbax checkpoints and artifacts do not, and
-    their tensors stay whole).
+    prefetching wrappers do; orbax checkpoints, artifacts and Hugging Face
+    name-mapped sources do not, and their tensors stay whole).
     """
     pre = as_source(pretrained)
     fts = [as_source(f) for f in finetuned]
