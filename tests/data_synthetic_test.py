@@ -52,6 +52,23 @@ def test_mmoe_labels_rederived_from_meta():
             np.testing.assert_allclose(src.labels[t][:, 0], expect, rtol=1e-5, atol=1e-5)
 
 
+def test_mmoe_integer_sines_hand_worked():
+    """sines='integer': alpha = 1..m, beta = (i-1)^2, whatever the seeds; one label worked by hand."""
+    b = mmoe_synthetic(n_train=30, n_test=5, dim=6, correlation=0.5, num_sines=3, noise=0.0, seed=2,
+                       sines="integer")
+    np.testing.assert_array_equal(b.meta["alpha"], [1.0, 2.0, 3.0])
+    np.testing.assert_array_equal(b.meta["beta"], [0.0, 1.0, 4.0])
+    x, w = b.train.inputs[0].astype(np.float64), b.meta["w"][1]
+    z = float(np.dot(w, x))
+    expect = z + math.sin(z) + math.sin(2 * z + 1) + math.sin(3 * z + 4)
+    assert b.train.labels["task2"][0, 0] == pytest.approx(expect, rel=1e-5, abs=1e-5)
+    other = mmoe_synthetic(n_train=30, n_test=5, dim=6, correlation=0.5, num_sines=3, seed=2, sine_seed=7,
+                           sines="integer")
+    np.testing.assert_array_equal(other.meta["alpha"], b.meta["alpha"])
+    with pytest.raises(ValueError, match="sines must be 'normal'.*'integer'.*got 'uniform'"):
+        mmoe_synthetic(n_train=4, n_test=4, dim=4, sines="uniform")
+
+
 def test_mmoe_linear_case_recovers_weights_from_data():
     # No sines, no noise: y = Xw, so least squares on the data alone recovers w and p.
     b = mmoe_synthetic(n_train=200, n_test=5, dim=10, correlation=-0.6, num_sines=0,

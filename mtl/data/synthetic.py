@@ -76,7 +76,8 @@ def mmoe_labels(x: np.ndarray, w: np.ndarray, alpha: np.ndarray, beta: np.ndarra
 
 def mmoe_synthetic(n_train: int = 8000, n_test: int = 2000, dim: int = 100,
                    correlation: float = 0.5, num_sines: int = 10, noise: float = 0.01,
-                   scale: float = 1.0, seed: int = 0, sine_seed: int | None = 0) -> DataBundle:
+                   scale: float = 1.0, seed: int = 0, sine_seed: int | None = 0,
+                   sines: str = "normal") -> DataBundle:
     """The MMoE paper's two-task regression data with task correlation ``p``.
 
     Construction (Ma et al., KDD 2018):
@@ -92,6 +93,10 @@ def mmoe_synthetic(n_train: int = 8000, n_test: int = 2000, dim: int = 100,
       ``sine_seed=None`` draws them from ``seed``'s parameter stream instead (the
       generator before 2026-11: each seed a different function, with label variance
       1.3-2.8 and label correlation at p=0.5 from 0.11 to 0.49 over seeds 0-2);
+    * ``sines="integer"`` instead fixes ``alpha_i = i`` and ``beta_i = (i - 1)^2``
+      (i = 1..num_sines), the values Google Research's public generator for this
+      procedure chose, also noting that the paper gives none: a far more oscillating label
+      function than ``N(0, 1)`` draws (``sine_seed`` is then unused);
     * ``x ~ N(0, I_dim)``; ``y_k = w_k.x + sum_i sin(alpha_i w_k.x + beta_i) + eps_k``,
       ``eps_k ~ N(0, noise)``.
 
@@ -118,6 +123,9 @@ def mmoe_synthetic(n_train: int = 8000, n_test: int = 2000, dim: int = 100,
         raise ValueError("scale must be non-zero (it is the norm of w1 and w2), got 0.0")
     if sine_seed is not None:
         sine_seed = _check_count("sine_seed (or None for per-seed sines)", sine_seed, 0)
+    if sines not in ("normal", "integer"):
+        raise ValueError(f"sines must be 'normal' (alpha, beta ~ N(0, 1)) or 'integer' (alpha_i = i,"
+                         f" beta_i = (i-1)^2); got {sines!r}")
 
     rng_params, rng_train, rng_test = _streams(seed)
     q, r = np.linalg.qr(rng_params.standard_normal((dim, 2)))
@@ -129,6 +137,9 @@ def mmoe_synthetic(n_train: int = 8000, n_test: int = 2000, dim: int = 100,
         rng_sines = np.random.default_rng([sine_seed, 3])
     alpha = rng_sines.standard_normal(num_sines)
     beta = rng_sines.standard_normal(num_sines)
+    if sines == "integer":
+        alpha = np.arange(1, num_sines + 1, dtype=np.float64)
+        beta = np.arange(num_sines, dtype=np.float64) ** 2
     noise_std = math.sqrt(noise)
 
     def split(rng, n):
@@ -139,7 +150,7 @@ def mmoe_synthetic(n_train: int = 8000, n_test: int = 2000, dim: int = 100,
     (x_tr, y_tr), (x_te, y_te) = split(rng_train, n_train), split(rng_test, n_test)
     meta = dict(generator="mmoe_synthetic", correlation=p, scale=scale, num_sines=num_sines,
                 noise=noise, noise_std=noise_std, seed=int(seed),
-                sine_seed=sine_seed, u=u, w=w,
+                sine_seed=sine_seed, sines=sines, u=u, w=w,
                 alpha=alpha, beta=beta)
     return _regression_bundle("mmoe_synthetic", ["task1", "task2"], (x_tr, x_te),
                               (y_tr, y_te), meta)
