@@ -28,7 +28,7 @@ from mtl.merging import dare_mask
 from mtl.merging.tree import PyTree, check_compatible, flatten, is_traced, path_filter, unflatten
 
 __all__ = ["Source", "DictSource", "as_source", "MergeInputs", "DropSpec", "Checks", "run_tree", "stream_inputs",
-           "form_taus", "kernel_flags"]
+           "form_taus", "kernel_flags", "Chunk", "row_chunks", "load_part", "reads_rows", "base_path"]
 
 
 @runtime_checkable
