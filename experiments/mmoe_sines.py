@@ -90,7 +90,10 @@ def main(argv=None):
         lines += ["", f"Reading: test MSE at p={lo} vs p={hi}: " + ", ".join(
             f"{a} {np.mean(rows[a, lo]):.4f} vs {np.mean(rows[a, hi]):.4f} ({'rises' if rises[a] else 'does not rise'}"
             " as p falls)" for a in args.archs) + f". MMoE's gain over shared-bottom is {pm(gap[lo], '+.4f')} at "
-            f"p={lo} and {pm(gap[hi], '+.4f')} at p={hi}: it {trend}."]
+            f"p={lo} and {pm(gap[hi], '+.4f')} at p={hi}: it {trend}. Share of the label variance explained "
+            "(1 − test MSE / variance, mean over p): " + ", ".join(
+                f"{a} {np.mean([1 - np.mean(rows[a, p]) / np.mean([var[p, s] for s in seeds]) for p in ps]):.0%}"
+                for a in args.archs) + "."]
     lines += ["", "Per seed (test MSE):", "", "| model | p | " + " | ".join(f"seed {s}" for s in seeds) + " |",
               "|---|---:|" + "---:|" * len(seeds)]
     for a in args.archs:
