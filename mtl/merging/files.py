@@ -15,7 +15,9 @@ K models.  Each merged tensor goes straight to the writer
 offsets; artifact/orbax output is collected in memory and written at the
 end).  Peak resident memory for safetensors in and out is therefore a few
 tensors per model plus a constant, whatever the model size
-(``experiments/bench/merge_ooc.py`` measures it).  Nothing is left under
+(``experiments/bench/merge_ooc.py`` measures it); a tensor whose K + 1
+copies exceed ``chunk_bytes`` (default 1 GiB) is read, merged and written in
+row chunks, so no single tensor needs to fit K + 1 times.  Nothing is left under
 ``out`` when the merge fails.
 """
 from __future__ import annotations
