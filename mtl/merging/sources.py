@@ -486,7 +486,7 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
     keep = path_filter(include, exclude)
     pre_paths = list(pre.paths())
     pre_set = set(pre_paths)
-    included, copied, sizes = [], [], {}
+    included, copied, sizes, shapes = [], [], {}, {}
     for p in pre_paths:
         shape_dtype = _shape_dtype(pre, p)  # (shape, dtype) only: no loaded tensor outlives this line
         if shape_dtype is None or not keep(p) or not _is_float_dtype(shape_dtype[1]):
@@ -494,6 +494,7 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
         else:
             included.append(p)
             sizes[p] = int(np.prod(shape_dtype[0], dtype=np.int64))
+            shapes[p] = shape_dtype
     for src, name in zip(fts, names):
         ft_paths = set(src.paths())
         for p in included:
@@ -505,7 +506,6 @@ def stream_inputs(pretrained, finetuned: Sequence, include=None, exclude=None, n
                                  f" exclude it (e.g. exclude=[{p!r}]) and keep it yourself")
     keys = included
     if chunk_bytes is not None and all(reads_rows(s) for s in [pre, *fts]):
-        shapes = {p: _shape_dtype(pre, p) for p in included}
         keys = row_chunks(included, {p: (sd[0], np.dtype(sd[1]).itemsize) for p, sd in shapes.items()},
                           len(fts) + 1, chunk_bytes)
         for p in dict.fromkeys(base_path(k) for k in keys if isinstance(k, Chunk)):

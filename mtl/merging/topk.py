@@ -201,8 +201,8 @@ def _bracket(sample: np.ndarray, n_keep: int, n_total: int):
     return lo, hi
 
 
-def _pad(i: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
-    return np.concatenate([i, np.full(size - i.size, fill, i.dtype)]).astype(np.int32)
+def _pad(i: np.ndarray, size: int) -> np.ndarray:
+    return np.concatenate([i, np.zeros(size - i.size, i.dtype)]).astype(np.int32)
 
 
 def padded_size(n: int) -> int:
