@@ -144,6 +144,67 @@ def done(path):
     return os.path.exists(os.path.join(path, "results.json"))
 
 
+# Each finished run's cell values are also appended to a committed JSON-lines file next to the
+# table (``mtl_optim<tag>_runs.jsonl``): run directories live under runs/ and are not kept, so a
+# sweep split over sessions or processes still reports every cell measured so far. One line per
+# run (or per method that cannot run on a dataset), appended with O_APPEND; the last line of a
+# (dataset, seed, method) wins, and a finished run directory wins over the file.
+def store_path(results_dir, tag):
+    return os.path.join(results_dir, f"mtl_optim{tag}_runs.jsonl")
+
+
+def record(store, **fields):
+    if store is None:
+        return
+    os.makedirs(os.path.dirname(store), exist_ok=True)
+    line = json.dumps(fields, sort_keys=True) + "\n"
+    fd = os.open(store, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write() of one short line: lines of two processes do not interleave
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_store(store):
+    """{(dataset, seed, method): record}, the last line of each key winning."""
+    out = {}
+    if store and os.path.exists(store):
+        with open(store) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                    out[(r["dataset"], int(r["seed"]), r["method"])] = r
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"{store}:{n}: not a run record ({e}); fix or delete that line") from None
+    return out
+
+
+def not_applicable(cfg, num_tasks):
+    """The reason the method cannot run with ``num_tasks`` tasks (its aggregator's ``init``
+    refuses that T, e.g. Krum and trimmed mean need T >= 3), or None."""
+    from mtl.train.spec import OptimSpec
+    agg = OptimSpec.from_config(cfg.optim).make_aggregator()
+    try:
+        agg.init(num_tasks)
+    except ValueError as e:
+        return str(e)
+    except Exception:  # an init that needs more than T (e.g. the parameters' shapes): the run decides
+        return None
+    return None
+
+
+def commit_id():
+    import subprocess
+    try:
+        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def conflict_rate(workdir):
     vals = []
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -154,10 +215,12 @@ def conflict_rate(workdir):
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def sweep(root, datasets, methods, seeds, steps, quiet):
+def sweep(root, datasets, methods, seeds, steps, quiet, store=None):
     total = len(datasets) * len(seeds) * len(methods)
     k, t0 = 0, time.time()
     out = {}
+    stored = read_store(store)
+    rev = commit_id()
     for seed in seeds:  # seed-major: an early stop leaves whole seeds finished
         for ds in datasets:
             base = make_cfg(ds, seed, steps)
@@ -173,10 +236,16 @@ def sweep(root, datasets, methods, seeds, steps, quiet):
                 wd = os.path.join(root, ds, f"seed{seed}", slug(m))
                 res_path = os.path.join(wd, "results.json")
                 res = json.load(open(res_path)) if done(wd) else None
+                cfg = make_cfg(ds, seed, steps)
+                for key, v in ALL_METHODS[m].items():
+                    cfg.optim[key] = v
+                why = not_applicable(cfg, len(infos))
+                if why is not None:
+                    print(f"[sweep {k}/{total}] {ds} seed {seed} {m:<16} not applicable: {why}", flush=True)
+                    if stored.get((ds, seed, m), {}).get("not_applicable") != why:
+                        record(store, dataset=ds, seed=seed, method=m, not_applicable=why, commit=rev)
+                    continue
                 if res is None or "delta_m_test" not in res:
-                    cfg = make_cfg(ds, seed, steps)
-                    for key, v in ALL_METHODS[m].items():
-                        cfg.optim[key] = v
                     cfg.name = f"{ds}/{m}/seed{seed}"
                     cfg.baselines.from_dir = bdir
                     t1 = time.time()
@@ -185,6 +254,10 @@ def sweep(root, datasets, methods, seeds, steps, quiet):
                 else:
                     took = 0.0
                 dm, cr = res["delta_m_test"]["delta_m"], conflict_rate(wd)
+                old = stored.get((ds, seed, m), {})
+                if took or (old.get("delta_m"), old.get("conflict")) != (dm, cr):
+                    record(store, dataset=ds, seed=seed, method=m, delta_m=dm, conflict=cr, commit=rev,
+                           date=time.strftime("%Y-%m-%d"))
                 out.setdefault(ds, {}).setdefault(m, []).append((dm, cr))
                 el = time.time() - t0
                 print(f"[sweep {k}/{total}] {ds} seed {seed} {m:<16} Δm {dm:+7.2f}%  conflict {cr:.2f}  "
@@ -201,16 +274,24 @@ def write_outputs(out, datasets, methods, seeds, results_dir, tag):
              "sampled every 50 steps during training.", "",
              "| method | " + " | ".join(LABELS[d] for d in datasets) + " |",
              "|---|" + "---|" * len(datasets)]
+    notes = {}  # reason a method cannot run -> where
     for m in methods:
         cells = []
         for d in datasets:
-            v = np.array(out.get(d, {}).get(m, []))
+            v = out.get(d, {}).get(m, [])
+            if isinstance(v, str):
+                cells.append("n/a")
+                notes.setdefault(v, []).append(f"{m} on {LABELS[d]}")
+                continue
+            v = np.array(v)
             if not len(v):
                 cells.append("not yet run")
                 continue
             n = f" (n={len(v)})" if len(v) != len(seeds) else ""
             cells.append(f"{v[:, 0].mean():+.2f} ± {v[:, 0].std():.2f} / {np.nanmean(v[:, 1]):.2f}{n}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for why, where in notes.items():
+        lines += ["", f"n/a ({', '.join(where)}): {why[len('n/a: '):]}"]
     if tag == "":
         lines += ["", NOTES.rstrip()]
     elif tag == "_new":
@@ -226,7 +307,8 @@ def write_outputs(out, datasets, methods, seeds, results_dir, tag):
                              sharey=True)
     axes = np.atleast_1d(axes)
     for ax, d in zip(axes, datasets):
-        runs = [[x[0] for x in out.get(d, {}).get(m, [])] for m in methods]  # [] = not yet run
+        runs = [[] if isinstance(out.get(d, {}).get(m), str) else [x[0] for x in out.get(d, {}).get(m, [])]
+                for m in methods]  # [] = not yet run or n/a
         mean = [np.mean(r) if r else 0.0 for r in runs]
         std = [np.std(r) if r else 0.0 for r in runs]
         y = np.arange(len(methods))
@@ -264,31 +346,45 @@ def main(argv=None):
         default = list(NEW_METHODS) if a.new else list(METHODS)
         datasets, methods, seeds, steps, root = DATASETS, a.methods or default, list(range(a.seeds)), None, a.root
         tag = "_new" if a.new else ""
+    store = None if a.quick else store_path(a.results, tag)
     if a.report:
-        out = collect(root, datasets, methods, seeds, partial=a.new)
+        out = collect(root, datasets, methods, seeds, partial=a.new, store=store)
     else:
-        out = sweep(root, [d for d in datasets if d in a.datasets], methods, seeds, steps, quiet=True)
+        out = sweep(root, [d for d in datasets if d in a.datasets], methods, seeds, steps, quiet=True,
+                    store=store)
         if a.new:  # the table of every finished run so far; the rest is marked as not yet run
-            out = collect(root, datasets, methods, seeds, partial=True)
+            out = collect(root, datasets, methods, seeds, partial=True, store=store)
         elif set(a.datasets) != set(datasets):
             return
     write_outputs(out, datasets, methods, seeds, a.results, tag)
 
 
-def collect(root, datasets, methods, seeds, partial=False):
-    """Finished runs' (Δm, conflict rate) by dataset and method; ``partial``: skip runs not
+def collect(root, datasets, methods, seeds, partial=False, store=None):
+    """Finished runs' (Δm, conflict rate) by dataset and method, from the run directories and,
+    for runs whose directory is gone, the committed run records (``store``). Methods that cannot
+    run on a dataset come back as ``out[d][m] = "n/a: <reason>"``. ``partial``: skip runs not
     yet finished (their cells read 'not yet run') instead of refusing."""
     out = {}
+    stored = read_store(store)
     for d in datasets:
         for m in methods:
             for seed in seeds:
                 wd = os.path.join(root, d, f"seed{seed}", slug(m))
-                if not done(wd):
-                    if partial:
-                        continue
-                    raise FileNotFoundError(f"{wd} has not finished; run the sweep first")
-                res = json.load(open(os.path.join(wd, "results.json")))
-                out.setdefault(d, {}).setdefault(m, []).append((res["delta_m_test"]["delta_m"], conflict_rate(wd)))
+                rec = stored.get((d, seed, m), {})
+                if done(wd):
+                    res = json.load(open(os.path.join(wd, "results.json")))
+                    cell = (res["delta_m_test"]["delta_m"], conflict_rate(wd))
+                elif "not_applicable" in rec:
+                    out.setdefault(d, {})[m] = "n/a: " + rec["not_applicable"]
+                    continue
+                elif "delta_m" in rec:
+                    cell = (rec["delta_m"], rec["conflict"])
+                elif partial:
+                    continue
+                else:
+                    raise FileNotFoundError(f"{wd} has not finished and {store} has no record of it; "
+                                            "run the sweep first")
+                out.setdefault(d, {}).setdefault(m, []).append(cell)
     return out
 
 
