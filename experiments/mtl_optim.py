@@ -184,16 +184,20 @@ def read_store(store):
 
 def not_applicable(cfg, num_tasks):
     """The reason the method cannot run with ``num_tasks`` tasks (its aggregator's ``init``
-    refuses that T, e.g. Krum and trimmed mean need T >= 3), or None."""
+    refuses that T but accepts a larger one, e.g. Krum and trimmed mean need T >= 3), or None.
+    An ``init`` that fails for every T (e.g. it needs the parameters' shapes) is left to the run."""
     from mtl.train.spec import OptimSpec
     agg = OptimSpec.from_config(cfg.optim).make_aggregator()
-    try:
-        agg.init(num_tasks)
-    except ValueError as e:
-        return str(e)
-    except Exception:  # an init that needs more than T (e.g. the parameters' shapes): the run decides
+
+    def refusal(t):
+        try:
+            agg.init(t)
+        except Exception as e:  # noqa: BLE001 - any refusal; compared across T below
+            return f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
         return None
-    return None
+
+    why = refusal(num_tasks)
+    return why if why is not None and refusal(max(64, 2 * num_tasks)) is None else None
 
 
 def commit_id():
