@@ -55,10 +55,22 @@ def layer_gram(x, d, method: str | None = None):
         method = "batch" if batch < weight else "weight"
     if method == "batch":
         k = x @ x.T
-        m = jnp.einsum("rs,tso->tro", k, d)
-        return jnp.einsum("tro,uro->tu", m, d)
+        if r <= d_out:  # T GEMMs K @ D_t (K repeated: no bigger than d): XLA's single GEMM would
+            # first transpose d to [(T, d_out), R] (measured ~10% slower at T = 40 on CPU)
+            m = jnp.einsum("trs,tso->tro", jnp.broadcast_to(k, (t,) + k.shape), d)
+        else:
+            m = jnp.einsum("rs,tso->tro", k, d)
+        return _rows_dot(d, m)
     j = jnp.einsum("ri,tro->tio", x, d)
-    return jnp.einsum("tio,uio->tu", j, j)
+    return _rows_dot(j, j)
+
+
+def _rows_dot(a, b):
+    """⟨a_t, b_u⟩ over everything but the leading axis, as ONE [T, n] x [n, T] GEMM: XLA:CPU
+    runs the equivalent multi-axis einsum ~4x slower (measured: 24.8 vs 5.5 ms for
+    T = 40, n = 131072)."""
+    t = a.shape[0]
+    return jax.lax.dot_general(a.reshape(t, -1), b.reshape(t, -1), (((1,), (1,)), ((), ())))
 
 
 def _path_of(model):
