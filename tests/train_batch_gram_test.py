@@ -94,10 +94,11 @@ def test_gram_update_equals_kept_jacobian(encoder, arch):
         np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-6)
 
 
-def test_layer_gram_contractions_match_numpy():
+@pytest.mark.parametrize("r,d_in,d_out", [(5, 7, 4), (4, 6, 9)])  # rows > / <= d_out: both batch forms
+def test_layer_gram_contractions_match_numpy(r, d_in, d_out):
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(5, 7)).astype(np.float32)
-    d = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    x = rng.normal(size=(r, d_in)).astype(np.float32)
+    d = rng.normal(size=(3, r, d_out)).astype(np.float32)
     grads = np.einsum("ri,tro->tio", x.astype(np.float64), d.astype(np.float64)).reshape(3, -1)
     ref = grads @ grads.T
     for method in ("batch", "weight", None):
