@@ -83,13 +83,22 @@ def test_graddrop_deterministic_cases():
 
 # --------------------------------------------------------- Trimmed mean -----
 
-@pytest.mark.parametrize("trim", [0, 1, 2])
+@pytest.mark.parametrize("trim", [0, 1, 2, 5])  # 5 > SELECT_TRIM_UP_TO: the sort path
 def test_trimmed_mean_per_coordinate(trim):
     with jax.enable_x64(True):
-        jac = _jac(4, 6, 7)
-        (d,), _ = _run(mo.trimmed_mean(trim=trim), [dict(jac=jnp.asarray(jac))], 6)
-        ref = np.array([np.mean(np.sort(col)[trim:6 - trim]) for col in jac.T])
+        t = 2 * trim + 4
+        jac = _jac(4, t, 7)
+        jac[: t // 2, :3] = np.round(jac[: t // 2, :3])  # ties: several equal entries per coordinate
+        jac[:, 3] = 2.5  # a coordinate where every task agrees
+        (d,), _ = _run(mo.trimmed_mean(trim=trim), [dict(jac=jnp.asarray(jac))], t)
+        ref = np.array([np.mean(np.sort(col)[trim:t - trim]) for col in jac.T])
         np.testing.assert_allclose(d, ref, rtol=1e-12)
+
+
+def test_trimmed_mean_keeps_the_small_rows_digits_next_to_an_outlier():
+    jac = np.array([[1e-3, 2e-3], [2e-3, 3e-3], [3e-3, 1e-3], [1e7, -1e7]], np.float32)
+    (d,), _ = _run(mo.trimmed_mean(trim=1), [dict(jac=jnp.asarray(jac))], 4)
+    np.testing.assert_allclose(d, [2.5e-3, 1.5e-3], rtol=1e-6)
 
 
 @jax.enable_x64(True)
