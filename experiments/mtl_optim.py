@@ -182,21 +182,11 @@ def read_store(store):
 
 
 def not_applicable(cfg, num_tasks):
-    """The reason the method cannot run with ``num_tasks`` tasks (its aggregator's ``init``
-    refuses that T but accepts a larger one, e.g. Krum and trimmed mean need T >= 3), or None.
-    An ``init`` that fails for every T (e.g. it needs the parameters' shapes) is left to the run."""
+    """The reason the method cannot run with ``num_tasks`` tasks, or None
+    (:func:`mtl.optim.too_few_tasks`)."""
+    from mtl.optim import too_few_tasks
     from mtl.train.spec import OptimSpec
-    agg = OptimSpec.from_config(cfg.optim).make_aggregator()
-
-    def refusal(t):
-        try:
-            agg.init(t)
-        except Exception as e:  # noqa: BLE001 - any refusal; compared across T below
-            return f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)
-        return None
-
-    why = refusal(num_tasks)
-    return why if why is not None and refusal(max(64, 2 * num_tasks)) is None else None
+    return too_few_tasks(OptimSpec.from_config(cfg.optim).make_aggregator(), num_tasks) or None
 
 
 def commit_id():

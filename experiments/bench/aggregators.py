@@ -46,7 +46,7 @@ import numpy as np
 from mtl import sharding as shd
 from mtl.nn import heads
 from mtl.nn.build import model_factory
-from mtl.optim import AGGREGATORS, JAC_AGGREGATORS, get_aggregator
+from mtl.optim import AGGREGATORS, JAC_AGGREGATORS, get_aggregator, too_few_tasks
 from mtl.tasks import Task
 from mtl.train.optimizer import make_optimizer
 from mtl.train.step import Steps
@@ -111,18 +111,8 @@ def make_batch(enc, t, rng):
 
 
 def refuses(m, t):
-    """Why method ``m`` cannot run with ``t`` tasks (its init refuses t but takes a larger T,
-    e.g. Krum and trimmed mean at T = 2), or ''."""
-    agg = get_aggregator(m)
-
-    def err(n):
-        try:
-            agg.init(n)
-        except Exception as e:  # noqa: BLE001 - compared across T below
-            return str(e)
-        return ""
-    why = err(t)
-    return why if why and not err(max(64, 2 * t)) else ""
+    """Why method ``m`` cannot run with ``t`` tasks (e.g. Krum and trimmed mean at T = 2), or ''."""
+    return too_few_tasks(get_aggregator(m), t)
 
 
 def methods_table(enc, t, methods, steps, rng):

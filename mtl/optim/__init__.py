@@ -10,7 +10,7 @@ from mtl.optim.gradient import (aligned_mtl, aligned_mtl_matrix, cagrad, dual_co
                                 dualproj, imtl_g, imtl_g_weights, mgda, mgda_two_tasks, nash_mtl,
                                 pcgrad, pcgrad_order, pcgrad_weights, upgrad)
 from mtl.optim.jacobian import db_mtl, excess_mtl, graddrop, moco, trimmed_mean
-from mtl.optim.registry import AGGREGATORS, JAC_AGGREGATORS, get_aggregator
+from mtl.optim.registry import AGGREGATORS, JAC_AGGREGATORS, get_aggregator, too_few_tasks
 from mtl.optim.scalarize import constant, gls, stch
 from mtl.optim.sparse import apply_mask, topk_mask
 from mtl.optim.stochastic import modo, sdmgrad
@@ -24,5 +24,5 @@ __all__ = [
     "gradient_stats", "graddrop", "gradnorm", "gradnorm_grad", "gradvac", "gradvac_weights",
     "gramian", "imtl_g", "imtl_g_weights", "krum", "krum_weights", "mgda", "mgda_two_tasks",
     "moco", "modo", "nash_mtl", "pcgrad", "pcgrad_order", "pcgrad_weights", "rlw", "sdmgrad",
-    "stch", "topk_mask", "trimmed_mean", "upgrad", "uw", "uw_objective",
+    "stch", "too_few_tasks", "topk_mask", "trimmed_mean", "upgrad", "uw", "uw_objective",
 ]

@@ -61,3 +61,19 @@ def get_aggregator(name: str, **hparams) -> Aggregator | JacAggregator:
         raise TypeError(f"aggregator {key!r} got unknown hyper-parameter(s) {', '.join(bad)}; "
                         f"valid: {valid}")
     return factory(**hparams)
+
+
+def too_few_tasks(agg, num_tasks: int) -> str:
+    """Why ``agg`` cannot run with ``num_tasks`` tasks, or ''. A reason is returned only when
+    its ``init`` refuses that T but accepts a larger one (Krum and trimmed mean need T >= 3);
+    an ``init`` that fails at every T (e.g. it needs the parameters' shapes) is not a
+    task-count refusal, so it gives ''."""
+    def refusal(t):
+        try:
+            agg.init(t)
+        except Exception as e:  # noqa: BLE001 - any refusal; compared across T below
+            return str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+        return ""
+
+    why = refusal(num_tasks)
+    return why if why and not refusal(max(64, 2 * num_tasks)) else ""
